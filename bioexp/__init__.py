@@ -1,0 +1,3 @@
+"""bioexp: an experiment runner for biologically plausible learning rules in PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""The `bioexp` command: a dispatcher over subcommands.
+
+`bioexp train ...` hands the rest of the command line to a real `@hydra.main` application (the
+subcommand is removed from sys.argv first), so multirun, `--cfg`, `--help`, `--info` and Hydra's
+launcher and sweeper plugins all work as documented by Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from bioexp import __version__
+from bioexp.errors import BioexpError
+
+COMMANDS = {
+    "train": "train a model: bioexp train [hydra overrides], e.g. model=cnn data=mnist seed=1",
+    "list": "list the registered models, datasets, schedules and experiment recipes",
+    "data": "find (or download) a dataset and say where it is: bioexp data fashion_mnist",
+}
+
+USAGE = "usage: bioexp [-h] [--version] {" + ",".join(COMMANDS) + "} ..."
+
+
+def _help() -> str:
+    lines = [USAGE, "", "Experiment runner for biologically plausible learning.", "",
+             "commands:"]
+    lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
+    lines += ["", "`bioexp train --help` shows the config groups and Hydra's options;",
+              "`bioexp COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"bioexp: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def train_command(args: Sequence[str]) -> None:
+    sys.argv = ["bioexp train", *args]
+    from bioexp.train import FAILED_JOBS
+    from bioexp.train import main as hydra_main
+
+    hydra_main()
+    if FAILED_JOBS:
+        _fail(f"{len(FAILED_JOBS)} job(s) did not complete: " + ", ".join(FAILED_JOBS), code=1)
+
+
+def _table(title: str, rows: Sequence[tuple[str, str]]) -> list[str]:
+    width = max((len(name) for name, _ in rows), default=0)
+    lines = [f"{title}:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in rows] or ["  (none)"]
+    return lines
+
+
+def list_command(args: Sequence[str]) -> None:
+    argparse.ArgumentParser(prog="bioexp list", description=COMMANDS["list"]).parse_args(args)
+    from bioexp.config import group_options
+    from bioexp.registry import list_models
+
+    lines = _table("models (model=NAME)", [(m.name, m.description) for m in list_models()])
+    groups = (("data", "datasets (data=NAME)"), ("schedule", "schedules (schedule=NAME)"),
+              ("experiment", "experiment recipes (experiment=NAME)"))
+    for group, title in groups:
+        lines += ["", *_table(title, [o for o in group_options(group) if not o[0].startswith("_")])]
+    print("\n".join(lines))
+
+
+def data_command(args: Sequence[str]) -> None:
+    from bioexp.data.sources import SOURCES, find_or_download, read_arrays
+
+    parser = argparse.ArgumentParser(prog="bioexp data", description=COMMANDS["data"])
+    parser.add_argument("name", choices=sorted(SOURCES), help="dataset")
+    parser.add_argument("--root", default=None, help="folder searched first (as data.root)")
+    parser.add_argument("--download", action="store_true",
+                        help="download with torchvision when it is not found on disk")
+    opts = parser.parse_args(args)
+    files = find_or_download(opts.name, opts.root, opts.download)
+    train_x, _, test_x, _ = read_arrays(opts.name, files)
+    folder = next(iter(files.values())).parent
+    print(f"{opts.name}: {len(train_x)} train and {len(test_x)} test images of shape "
+          f"{'x'.join(map(str, train_x.shape[1:]))} in {folder}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_help())
+        sys.exit(0 if args else 2)
+    if args[0] in ("-V", "--version"):
+        print(f"bioexp {__version__}")
+        return
+    command, rest = args[0], args[1:]
+    handlers = {"train": train_command, "list": list_command, "data": data_command}
+    if command not in handlers:
+        _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    if command != "train":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        handlers[command](rest)
+    except BioexpError as exc:
+        _fail(str(exc), exc.exit_code)

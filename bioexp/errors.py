@@ -1,0 +1,19 @@
+"""User-facing errors: each one is reported as a single sentence, without a traceback."""
+
+
+class BioexpError(Exception):
+    """A mistake in the user's input or environment that bioexp reports in one sentence."""
+
+    exit_code = 2
+
+
+class ConfigError(BioexpError):
+    """A config value that is unknown, of the wrong type or out of range."""
+
+
+class DataError(BioexpError):
+    """A dataset that cannot be found, read or downloaded."""
+
+
+class DeviceError(BioexpError):
+    """A device that was asked for but is not available."""

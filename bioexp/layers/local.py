@@ -1,0 +1,24 @@
+"""The base class of layers trained by a local rule instead of by the optimiser.
+
+The engine finds these layers with `isinstance(module, LocalLayer)`: during the unsupervised phase
+(and, in the one-phase schedule, during every supervised batch) it calls `local_update` with the
+input the layer sees, under `torch.no_grad()`. The layer's weights are buffers or parameters with
+`requires_grad=False`, so the optimiser never touches them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LocalLayer(nn.Module):
+    """A layer whose weights change only through `local_update`."""
+
+    def local_update(self, x: torch.Tensor, lr: float) -> None:
+        """Apply one step of the layer's rule for the input batch `x` with learning rate `lr`."""
+        raise NotImplementedError
+
+    def local_stats(self) -> dict[str, float]:
+        """Scalars worth logging after an unsupervised epoch (e.g. weight norms)."""
+        return {}

@@ -1,0 +1,127 @@
+"""The model registry: `@register_model` on a factory, `build_model(name, ...)`, `list_models()`.
+
+As in timm, a model is a small factory function whose keyword arguments are its hyperparameters;
+`conf/model/<name>.yaml` names the factory and sets them. The factory's signature is the schema:
+`build_model` rejects unknown keys and values of the wrong type with one sentence that names the
+key, before anything is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from torch import nn
+
+from bioexp.errors import ConfigError
+
+# Arguments that the engine supplies from the dataset; configs do not set them.
+DATASET_ARGS = ("input_shape", "num_classes")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Callable[..., nn.Module]
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.factory) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Name -> default of every configurable argument."""
+        params = inspect.signature(self.factory).parameters.values()
+        return {p.name: p.default for p in params if p.name not in DATASET_ARGS}
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register `factory` under its function name. Its first docstring line describes it."""
+    name = factory.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is registered twice")
+    _MODELS[name] = ModelEntry(name, factory)
+    return factory
+
+
+def _ensure_models_imported() -> None:
+    import bioexp.models  # noqa: F401  (registers the built-in models)
+
+
+def list_models() -> list[ModelEntry]:
+    _ensure_models_imported()
+    return [_MODELS[name] for name in sorted(_MODELS)]
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    _ensure_models_imported()
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name]
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a plain config value (int, float, bool, str, list, None) fits a type hint."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words: `Sequence[int]` -> "list of int", `float | None` -> "float or null"."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin in (list, tuple, Sequence, typing.Sequence):
+        args = typing.get_args(hint)
+        return f"list of {_describe(args[0])}" if args else "list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_hyperparameters(name: str, hyperparameters: dict[str, Any]) -> None:
+    """ConfigError for an unknown model, an unknown key, or a value of the wrong type."""
+    entry = get_model_entry(name)
+    accepted = entry.hyperparameters()
+    hints = typing.get_type_hints(entry.factory)
+    for key, value in hyperparameters.items():
+        if key not in accepted:
+            options = ", ".join(accepted) or "none"
+            raise ConfigError(f"model.{key} is not an option of model {name} (options: {options})")
+        if key in hints and not _conforms(value, hints[key]):
+            kind = _describe(hints[key])
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise ConfigError(f"model.{key} must be {article} {kind}, got {value!r}")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                **hyperparameters: Any) -> nn.Module:
+    """Build registered model `name` for inputs of `input_shape` and `num_classes` outputs."""
+    check_hyperparameters(name, hyperparameters)
+    factory = get_model_entry(name).factory
+    return factory(input_shape=tuple(input_shape), num_classes=num_classes, **hyperparameters)

@@ -1,0 +1,215 @@
+"""The Hydra task behind `bioexp train`: config -> data, model, schedule -> one run folder.
+
+`run(cfg, run_dir)` is a plain function (tests call it with a composed config); `main` is the
+thin `@hydra.main` wrapper that finds the run folder, turns user errors into one logged sentence
+and a non-zero exit, and returns the final test accuracy so that sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+import bioexp
+from bioexp.config import config_dir, validate
+from bioexp.data import load_dataset
+from bioexp.engine import Diverged, Schedule, fit
+from bioexp.errors import BioexpError, DeviceError
+from bioexp.plots import plot_curves
+from bioexp.records import RunRecorder
+from bioexp.registry import build_model, check_hyperparameters
+
+log = logging.getLogger("bioexp")
+
+# Keys of `model` that are not factory arguments.
+MODEL_META_KEYS = ("name", "input_scale")
+# Jobs of the current multirun that did not complete; the CLI exits non-zero when any did.
+FAILED_JOBS: list[str] = []
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present; `cuda` without CUDA is a DeviceError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise DeviceError(f"device={name} was requested but {why}; use device=cpu or "
+                              "device=auto")
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device={name} does not exist: {torch.cuda.device_count()} CUDA "
+                              "device(s) are visible")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_revision() -> str | None:
+    """The source checkout's commit, when bioexp runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(bioexp.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "bioexp": bioexp.__version__,
+        "git": git_revision(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else cpu_name()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run records `interrupted` before it exits."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train the configured model and write the run folder; return summary.json's content.
+
+    User errors (BioexpError) are recorded as `failed` and re-raised; divergence is recorded as
+    `diverged` and returned; Ctrl-C and SIGTERM are recorded as `interrupted` and re-raised.
+    """
+    recorder = RunRecorder(run_dir)
+    start = time.perf_counter()
+    recorder.update_summary(
+        status="running", model=cfg.model.get("name"), dataset=cfg.data.get("name"),
+        schedule=cfg.schedule.get("name"), seed=cfg.get("seed"), started=_now(),
+    )
+    model = None
+    if sys.platform != "win32":
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        validate(cfg)
+        hparams = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                   if k not in MODEL_META_KEYS}
+        check_hyperparameters(cfg.model.name, hparams)
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        data = load_dataset(cfg.data, cfg.model.input_scale, device)
+        model = build_model(cfg.model.name, data.input_shape, data.num_classes, **hparams)
+        model = model.to(device)
+        schedule = Schedule.from_cfg(cfg.schedule)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_local = sum(b.numel() for b in model.buffers()) + sum(
+            p.numel() for p in model.parameters() if not p.requires_grad)
+        recorder.update_summary(device=str(device), data_origin=data.origin,
+                                input_shape=list(data.input_shape), num_classes=data.num_classes,
+                                parameters={"trainable": n_trainable, "other": n_local},
+                                environment=environment(device))
+        log.info("model %s: %d trainable parameters, device %s", cfg.model.name, n_trainable,
+                 device)
+        config = OmegaConf.to_container(cfg, resolve=True)
+
+        def checkpoint(state: dict) -> None:
+            recorder.save_checkpoint({**state, "model": model.state_dict(), "config": config,
+                                      "torch_rng": torch.get_rng_state()})
+
+        result = fit(model, data, schedule, recorder, seed=cfg.seed,
+                     eval_batch_size=cfg.eval_batch_size, progress=_show_progress(cfg),
+                     checkpoint=checkpoint)
+        recorder.update_summary(status="completed", test_acc=result.test_acc,
+                                best_test_acc=result.best_test_acc, best_epoch=result.best_epoch,
+                                phases=result.phases)
+        log.info("completed: test accuracy %.4f (best %.4f at epoch %s)", result.test_acc,
+                 result.best_test_acc, result.best_epoch)
+    except Diverged as exc:
+        recorder.update_summary(status="diverged", error=str(exc),
+                                diverged_at={"phase": exc.phase, "epoch": exc.epoch + 1,
+                                             "step": exc.step})
+        log.error("%s", exc)
+    except KeyboardInterrupt:
+        recorder.update_summary(status="interrupted", error="interrupted by signal")
+        raise
+    except BioexpError as exc:
+        recorder.update_summary(status="failed", error=str(exc))
+        raise
+    except Exception as exc:
+        recorder.update_summary(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if sys.platform != "win32":
+            signal.signal(signal.SIGTERM, previous)
+        recorder.update_summary(finished=_now(),
+                                wall_time_s=round(time.perf_counter() - start, 3))
+        if recorder.rows:
+            plot_curves(recorder.rows, run_dir / "plots" / "curves.png",
+                        title=f"{cfg.model.get('name')} on {cfg.data.get('name')}")
+    return recorder.summary
+
+
+def _show_progress(cfg: DictConfig) -> bool:
+    return bool(cfg.progress) and sys.stderr.isatty()
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the final test accuracy (NaN when the run did not complete)."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        summary = run(cfg, run_dir)
+    except BioexpError as exc:
+        log.error("error: %s", exc)
+        if not multirun:
+            sys.exit(exc.exit_code)
+        FAILED_JOBS.append(str(run_dir))
+        return float("nan")
+    except KeyboardInterrupt:
+        log.error("interrupted; the run folder %s records what was done", run_dir)
+        sys.exit(130)
+    if summary["status"] != "completed":
+        if not multirun:
+            sys.exit(1)
+        FAILED_JOBS.append(str(run_dir))
+        return float("nan")
+    log.info("run folder: %s", run_dir)
+    return float(summary["test_acc"])
