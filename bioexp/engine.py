@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 
 class Diverged(RuntimeError):
-    """The loss or a local layer's weights stopped being finite."""
+    """The loss or a local layer's weights stopped being finite.
+
+    `epoch` counts from 1; `step` is the global optimiser step (as in metrics.jsonl), or None
+    when only the end of the epoch is known.
+    """
 
     def __init__(self, phase: str, epoch: int, step: int | None):
         where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
@@ -128,12 +132,13 @@ def unsupervised_epoch(model: nn.Module, split: Split, phase: Phase, epoch: int,
             bar.update()
     for layer in local_layers(body):
         if not all(torch.isfinite(t).all() for t in layer.state_dict().values()):
-            raise Diverged(phase.name, epoch, None)
+            raise Diverged(phase.name, epoch + 1, None)
 
 
 def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                      optimizer: torch.optim.Optimizer, split: Split, phase: Phase, epoch: int,
-                     generator: torch.Generator, progress: bool) -> tuple[float, float]:
+                     generator: torch.Generator, progress: bool, first_step: int = 0
+                     ) -> tuple[float, float]:
     """One optimiser pass; returns (train loss, train accuracy). Syncs with the device once.
 
     Losses are kept per step on the device, so a NaN is found at the end of the epoch with the
@@ -162,7 +167,7 @@ def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.T
             bar.update()
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
-        raise Diverged(phase.name, epoch, int((~finite).nonzero()[0]))
+        raise Diverged(phase.name, epoch + 1, first_step + int((~finite).nonzero()[0]) + 1)
     return losses.sum().item() / len(split), correct.item() / len(split)
 
 
@@ -281,7 +286,7 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
                     else nullcontext())
         with learning:
             train_loss, train_acc = supervised_epoch(model, forward, optimizer, train, sup, epoch,
-                                                     generator, progress)
+                                                     generator, progress, first_step=step)
         seconds = time.perf_counter() - t0
         step += math.ceil(len(train) / sup.batch_size)
         row = {"phase": "supervised", "epoch": epoch + 1, "step": step, "lr": sup.lr_at(epoch),

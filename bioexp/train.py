@@ -162,7 +162,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                  result.best_test_acc, result.best_epoch)
     except Diverged as exc:
         recorder.update_summary(status="diverged", error=str(exc),
-                                diverged_at={"phase": exc.phase, "epoch": exc.epoch + 1,
+                                diverged_at={"phase": exc.phase, "epoch": exc.epoch,
                                              "step": exc.step})
         log.error("%s", exc)
     except KeyboardInterrupt:

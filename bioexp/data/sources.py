@@ -124,12 +124,20 @@ def download(source: ImageSource, root: str | None) -> dict[str, Path]:
         for train in (True, False):
             dataset_class(str(dest), train=train, download=True)
     except Exception as exc:  # torchvision raises many kinds (URLError, RuntimeError, OSError)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(_missing_message(source, root, f"the download failed ({reason})")) from None
+        raise DataError(_missing_message(source, root, f"the download failed ({_root_cause(exc)})")
+                        ) from None
     files = locate(source, str(dest))
     if files is None:
         raise DataError(f"{source.name} was downloaded into {dest} but its files are not there")
     return files
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception of a chain, in one line (e.g. the network error under a wrapper)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _missing_message(source: ImageSource, root: str | None, why: str) -> str:

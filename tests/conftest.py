@@ -1,0 +1,69 @@
+"""Shared fixtures: config composition, a tiny run config, and the real `bioexp` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from bioexp.config import config_dir
+from bioexp.data.sources import SOURCES, locate
+
+# Overrides that make any model train in about a second on CPU.
+TINY = (
+    "data=synthetic",
+    "data.n_train=256",
+    "data.n_test=128",
+    "schedule.unsupervised.epochs=1",
+    "schedule.supervised.epochs=2",
+    "schedule.supervised.batch_size=64",
+    "progress=false",
+    "device=cpu",
+)
+
+FASHION_AVAILABLE = locate(SOURCES["fashion_mnist"], None) is not None
+needs_fashion = pytest.mark.skipif(not FASHION_AVAILABLE,
+                                   reason="Fashion-MNIST not installed (apt-get install "
+                                          "dataset-fashion-mnist)")
+
+
+@pytest.fixture
+def make_cfg() -> Callable[..., DictConfig]:
+    """Compose the `train` config with overrides, as `bioexp train` would."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+
+    return _compose
+
+
+def bioexp_command() -> list[str]:
+    """The installed `bioexp` script beside this interpreter, else `python -m bioexp`."""
+    script = Path(sys.executable).parent / "bioexp"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bioexp"]
+
+
+@pytest.fixture
+def bioexp(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run the real `bioexp` command in `tmp_path` with a clean data environment."""
+
+    def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
+        full_env = {k: v for k, v in os.environ.items() if k != "BIOEXP_DATA"}
+        full_env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+        full_env.update(env or {})
+        return subprocess.run([*bioexp_command(), *args], cwd=cwd or tmp_path, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return _run
+
+
+def tiny(*extra: str) -> Sequence[str]:
+    return [*TINY, *extra]

@@ -1,0 +1,194 @@
+"""The schedule engine: learning-rate schedules, local-layer hooks, both schedules, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bioexp.data import Dataset, Split
+from bioexp.engine import (
+    Diverged,
+    Phase,
+    Schedule,
+    evaluate,
+    fit,
+    frozen_body,
+    local_layers,
+    local_learning,
+)
+from bioexp.layers import LocalLayer
+from bioexp.models import Classifier
+from bioexp.records import RunRecorder
+
+
+class OjaUnits(LocalLayer):
+    """Test double: Oja's subspace rule on a buffer, dW = lr * (y^T x - y^T y W), y = x W^T."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.register_buffer("weight", torch.randn(n_out, n_in) * 0.1)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T
+
+    def local_update(self, x: torch.Tensor, lr: float) -> None:
+        self.seen.append(x)
+        x = x.flatten(1)
+        y = x @ self.weight.T  # (B, H)
+        self.weight += lr * (y.T @ x - (y.T @ y) @ self.weight) / len(x)
+
+    def local_stats(self) -> dict[str, float]:
+        return {"weight_norm": self.weight.norm().item()}
+
+
+def blob_data(n: int = 400, dim: int = 8, classes: int = 4, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+
+    def split(m: int) -> Split:
+        y = torch.randint(classes, (m,), generator=g)
+        return Split(centres[y] + torch.randn(m, dim, generator=g), y)
+
+    return Dataset("blobs", split(n), split(n // 2), None, classes)
+
+
+def local_model(dim: int = 8, hidden: int = 6, classes: int = 4) -> Classifier:
+    return Classifier(head=nn.Linear(hidden, classes), body=nn.Sequential(OjaUnits(dim, hidden)))
+
+
+def schedule(name: str, unsup_epochs: int = 2, sup_epochs: int = 3, lr: float = 0.05) -> Schedule:
+    return Schedule(name, Phase("unsupervised", unsup_epochs, 50, 0.01, "linear"),
+                    Phase("supervised", sup_epochs, 50, lr))
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+    ("linear", [1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]),
+    ("exponential", [1.0, 0.5, 0.25, 0.125]),
+])
+def test_lr_schedules(kind: str, expected: list[float]) -> None:
+    phase = Phase("supervised", 4, 10, 0.2, lr_schedule=kind, lr_decay=0.5)
+    assert [phase.lr_at(e) for e in range(4)] == pytest.approx([0.2 * f for f in expected])
+
+
+def test_local_learning_hooks_feed_each_layer_its_input_and_are_removed() -> None:
+    first, second = OjaUnits(8, 6), OjaUnits(6, 3)
+    body = nn.Sequential(first, nn.ReLU(), second)
+    x = torch.randn(5, 8)
+    with local_learning(body, lambda: 0.1), torch.no_grad():
+        body(x)
+    assert len(first.seen) == 1 and torch.equal(first.seen[0], x)
+    assert second.seen[0].shape == (5, 6) and bool((second.seen[0] >= 0).all())  # after ReLU
+    body(x)
+    assert len(first.seen) == 1  # hooks are gone outside the context
+
+
+def test_two_phase_trains_local_layers_then_head_on_cached_features(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, data = local_model(), blob_data()
+    before = model.body[0].weight.clone()
+    recorder = RunRecorder(tmp_path)
+    result = fit(model, data, schedule("two_phase"), recorder, seed=0)
+    assert not torch.equal(before, model.body[0].weight)
+    phases = [r["phase"] for r in recorder.rows]
+    assert phases == ["unsupervised"] * 2 + ["supervised"] * 3
+    assert "OjaUnits0.weight_norm" in recorder.rows[0]
+    assert recorder.rows[0]["lr"] == pytest.approx(0.01) and recorder.rows[1]["lr"] == 0.005
+    assert frozen_body(model) is model.body
+    assert result.test_acc > 0.6  # 4 well-separated blobs; chance is 0.25
+    assert [p["name"] for p in result.phases] == ["unsupervised", "supervised"]
+
+
+def test_two_phase_head_on_cached_features_equals_head_on_live_body(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, data = local_model(), blob_data()
+    fit(model, data, schedule("two_phase"), RunRecorder(tmp_path), seed=0)
+    cached = evaluate(model, model.head, Split(model.body(data.test.x), data.test.y), 100)
+    live = evaluate(model, model, data.test, 100)
+    assert cached == pytest.approx(live)
+
+
+def test_one_phase_updates_local_layers_during_supervised_epochs(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, data = local_model(), blob_data()
+    before = model.body[0].weight.clone()
+    recorder = RunRecorder(tmp_path)
+    fit(model, data, schedule("one_phase"), recorder, seed=0)
+    assert [r["phase"] for r in recorder.rows] == ["supervised"] * 3
+    steps_per_epoch = math.ceil(len(data.train) / 50)
+    assert len(model.body[0].seen) == 3 * steps_per_epoch
+    assert not torch.equal(before, model.body[0].weight)
+
+
+def test_model_without_local_layers_skips_phase_one(tmp_path, caplog) -> None:
+    model = Classifier(nn.Linear(8, 4))
+    assert local_layers(model) == [] and frozen_body(model) is None
+    recorder = RunRecorder(tmp_path)
+    with caplog.at_level("INFO"):
+        fit(model, blob_data(), schedule("two_phase"), recorder, seed=0)
+    assert "phase 1 (unsupervised) skipped" in caplog.text
+    assert [r["phase"] for r in recorder.rows] == ["supervised"] * 3
+    assert [r["step"] for r in recorder.rows] == [8, 16, 24]
+
+
+class NanAfter(nn.Module):
+    """Test double: a linear layer whose output turns NaN from its n-th training call on."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.linear, self.n, self.calls = nn.Linear(8, 4), n, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.n:
+                out = out * float("nan")
+        return out
+
+
+def test_divergence_reports_epoch_and_first_bad_step(tmp_path) -> None:
+    steps_per_epoch = 8  # 400 samples, batch 50
+    model = Classifier(NanAfter(steps_per_epoch + 3))
+    recorder = RunRecorder(tmp_path)
+    with pytest.raises(Diverged) as info:
+        fit(model, blob_data(), schedule("two_phase"), recorder, seed=0)
+    # Epochs count from 1 and steps globally: the 4th step of the 2nd epoch is step 8 + 4.
+    assert (info.value.phase, info.value.epoch, info.value.step) == ("supervised", 2, 12)
+    assert len(recorder.rows) == 1  # the finite first epoch was recorded
+
+
+def test_local_layer_divergence_is_caught(tmp_path) -> None:
+    model = local_model()
+    with pytest.raises(Diverged) as info:
+        fit(model, blob_data(), Schedule("two_phase", Phase("unsupervised", 2, 50, 1e6),
+                                         Phase("supervised", 1, 50, 0.01)),
+            RunRecorder(tmp_path), seed=0)
+    assert info.value.phase == "unsupervised" and info.value.step is None
+
+
+def test_evaluate_matches_a_hand_count() -> None:
+    model = Classifier(nn.Linear(8, 4))
+    data = blob_data()
+    loss, acc = evaluate(model, model, data.test, batch_size=33)
+    with torch.no_grad():
+        out = model(data.test.x)
+    assert acc == pytest.approx((out.argmax(1) == data.test.y).float().mean().item())
+    assert loss == pytest.approx(nn.functional.cross_entropy(out, data.test.y).item(), rel=1e-5)
+
+
+def test_same_seed_same_metrics(tmp_path) -> None:
+    rows = []
+    for i in range(2):
+        torch.manual_seed(1)
+        recorder = RunRecorder(tmp_path / str(i))
+        fit(Classifier(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))),
+            blob_data(), schedule("two_phase"), recorder, seed=1)
+        rows.append([{k: v for k, v in r.items() if "time" not in k and not k.endswith("_s")}
+                     for r in recorder.rows])
+    assert rows[0] == rows[1]
