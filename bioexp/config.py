@@ -7,6 +7,7 @@ typo in a learning rate ends in one sentence that names the key.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from importlib import resources
@@ -78,7 +79,8 @@ def check_number(
     low_inclusive: bool = True,
 ) -> None:
     value = OmegaConf.select(cfg, key)
-    ok = _is_number(value) and (value >= low if low_inclusive else value > low) and value <= high
+    ok = (_is_number(value) and math.isfinite(value)
+          and (value >= low if low_inclusive else value > low) and value <= high)
     if not ok:
         if low == 0 and not low_inclusive and high == float("inf"):
             expected = "a positive number"

@@ -101,19 +101,23 @@ def load_dataset(cfg: DictConfig, scale: str, device: torch.device | str = "cpu"
     so runs that differ only in their seed see the same images.
     """
     (train_x, train_y, test_x, test_y), origin = load_arrays(cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for limit, which in ((cfg.train_limit, "train"), (cfg.test_limit, "test")):
-        idx = _subset(len(train_y) if which == "train" else len(test_y), limit, g)
-        if idx is not None and which == "train":
-            train_x, train_y = train_x[idx.numpy()], train_y[idx.numpy()]
-        elif idx is not None:
-            test_x, test_y = test_x[idx.numpy()], test_y[idx.numpy()]
+
+    def generator(purpose: int) -> torch.Generator:
+        # One stream per draw, so that e.g. train_limit never changes which test images are used.
+        return torch.Generator().manual_seed(cfg.seed * 1000 + purpose)
+
+    idx = _subset(len(train_y), cfg.train_limit, generator(1))
+    if idx is not None:
+        train_x, train_y = train_x[idx.numpy()], train_y[idx.numpy()]
+    idx = _subset(len(test_y), cfg.test_limit, generator(2))
+    if idx is not None:
+        test_x, test_y = test_x[idx.numpy()], test_y[idx.numpy()]
     val = None
     if cfg.val_size:
         if cfg.val_size >= len(train_y):
             raise DataError(f"data.val_size={cfg.val_size} leaves no training images "
                             f"(the training split has {len(train_y)})")
-        order = torch.randperm(len(train_y), generator=g).numpy()
+        order = torch.randperm(len(train_y), generator=generator(3)).numpy()
         held, kept = order[:cfg.val_size], order[cfg.val_size:]
         val = Split(scale_pixels(train_x[held], scale).to(device),
                     torch.from_numpy(train_y[held]).to(device))

@@ -141,9 +141,10 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def _missing_message(source: ImageSource, root: str | None, why: str) -> str:
-    looked = "; ".join(f"{label}: {base}" for label, base in search_roots(root))
-    if "$BIOEXP_DATA" not in looked:
-        looked += "; $BIOEXP_DATA: not set"
+    roots = [(label, str(base)) for label, base in search_roots(root)]
+    if not os.environ.get("BIOEXP_DATA"):
+        roots.insert(1 if root else 0, ("$BIOEXP_DATA", "not set"))
+    looked = "; ".join(f"{label}: {where}" for label, where in roots)
     how = []
     if source.os_package:
         how.append(f"install the OS package (apt-get install {source.os_package})")

@@ -1,0 +1,185 @@
+"""Config composition and validation: every option of every group composes, every model x schedule
+validates and builds, and `validate` names the key of every bad value."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from bioexp.config import GROUPS, config_dir, group_options, validate
+from bioexp.errors import ConfigError
+from bioexp.registry import build_model, list_models
+
+MODEL_META_KEYS = ("name", "input_scale")
+# The keys the data layer reads from every dataset config (besides `name`).
+DATA_KEYS = ("root", "download", "train_limit", "test_limit", "val_size", "seed")
+
+
+def options(group: str) -> list[str]:
+    return [name for name, _ in group_options(group) if not name.startswith("_")]
+
+
+def hyperparameters(cfg: DictConfig) -> dict:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return {k: v for k, v in model.items() if k not in MODEL_META_KEYS}
+
+
+ALL_OPTIONS = [(group, option) for group in GROUPS for option in options(group)]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), group
+    assert {"bp_mlp", "cnn"} <= set(options("model"))
+    assert {"mnist", "fashion_mnist", "cifar10", "synthetic"} <= set(options("data"))
+    assert {"two_phase", "one_phase"} <= set(options("schedule"))
+    assert "baselines" in options("experiment")
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS)
+def test_every_option_composes(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}")
+    assert isinstance(cfg, DictConfig)
+    if group in ("model", "data", "schedule"):
+        assert cfg[group].name == option
+    # Every key resolves (no dangling interpolations).
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert {"seed", "device", "model", "data", "schedule"} <= set(container)
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_every_dataset_config_has_the_common_keys_and_validates(make_cfg, option):
+    cfg = make_cfg(f"data={option}")
+    assert set(DATA_KEYS) <= set(cfg.data)
+    assert cfg.data.name == option
+    validate(cfg)
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_and_schedule_composes_validates_and_builds(make_cfg, model, schedule):
+    cfg = make_cfg(f"model={model}", f"schedule={schedule}")
+    assert cfg.model.name == model and cfg.schedule.name == schedule
+    validate(cfg)
+    net = build_model(cfg.model.name, (1, 28, 28), 10, **hyperparameters(cfg))
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+def test_every_registered_model_has_a_config_file():
+    configured = set(options("model"))
+    for entry in list_models():
+        assert entry.name in configured, f"conf/model/{entry.name}.yaml is missing"
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_config_keys_are_factory_hyperparameters(make_cfg, model):
+    cfg = make_cfg(f"model={model}")
+    entry = {e.name: e for e in list_models()}[cfg.model.name]
+    assert set(hyperparameters(cfg)) <= set(entry.hyperparameters())
+
+
+def test_group_options_describe_every_option():
+    for group in GROUPS:
+        listed = group_options(group)
+        files = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        assert [name for name, _ in listed] == files
+        for name, description in listed:
+            assert description.strip(), f"{group}/{name} has no description"
+            assert not description.startswith(("#", "@")), (group, name, description)
+            assert "@package" not in description
+
+
+def test_group_options_takes_the_first_comment_line(tmp_path, monkeypatch):
+    import bioexp.config
+
+    group = tmp_path / "grp"
+    group.mkdir()
+    (group / "a.yaml").write_text("# Option A does this\nkey: 1\n")
+    (group / "b.yaml").write_text("# @package _global_\n# Option B does that\nkey: 2\n")
+    (group / "c.yaml").write_text("key: 3\n")
+    monkeypatch.setattr(bioexp.config, "config_dir", lambda: tmp_path)
+    assert group_options("grp") == [("a", "Option A does this"), ("b", "Option B does that"),
+                                    ("c", "")]
+
+
+def test_experiment_baselines_composes(make_cfg):
+    cfg = make_cfg("experiment=baselines")
+    validate(cfg)
+    assert cfg.model.name == "bp_mlp"
+
+
+def test_experiment_baselines_sets_the_global_sweep():
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=baselines"],
+                      return_hydra_config=True)
+    assert cfg.get("experiment") is None
+    params = cfg.hydra.sweeper.params
+    assert params is not None
+    assert set(str(params.model).split(",")) == {"bp_mlp", "cnn"}
+    assert str(params.seed).split(",") == ["0", "1", "2"]
+
+
+def test_default_config_validates(make_cfg):
+    cfg = make_cfg()
+    validate(cfg)
+    assert cfg.data.train_limit is None
+
+
+BAD_VALUES = [
+    ("schedule.supervised.lr=0", "schedule.supervised.lr", "0"),
+    ("schedule.supervised.lr=-1", "schedule.supervised.lr", "-1"),
+    ("schedule.supervised.lr=abc", "schedule.supervised.lr", "'abc'"),
+    ("schedule.supervised.lr=inf", "schedule.supervised.lr", "inf"),
+    ("schedule.unsupervised.lr=0", "schedule.unsupervised.lr", "0"),
+    ("schedule.unsupervised.lr=-0.5", "schedule.unsupervised.lr", "-0.5"),
+    ("schedule.supervised.epochs=-1", "schedule.supervised.epochs", "-1"),
+    ("schedule.unsupervised.epochs=-3", "schedule.unsupervised.epochs", "-3"),
+    ("schedule.supervised.batch_size=0", "schedule.supervised.batch_size", "0"),
+    ("schedule.unsupervised.batch_size=0", "schedule.unsupervised.batch_size", "0"),
+    ("data.train_limit=0", "data.train_limit", "0"),
+    ("data.test_limit=-5", "data.test_limit", "-5"),
+    ("data.val_size=-1", "data.val_size", "-1"),
+    ("schedule.supervised.optimizer=rmsprop", "schedule.supervised.optimizer", "'rmsprop'"),
+    ("schedule.supervised.lr_schedule=step", "schedule.supervised.lr_schedule", "'step'"),
+    ("schedule.unsupervised.lr_schedule=step", "schedule.unsupervised.lr_schedule", "'step'"),
+    ("device=gpu", "device", "'gpu'"),
+    ("model.input_scale=foo", "model.input_scale", "'foo'"),
+    ("data.train_limit=1.5", "data.train_limit", "1.5"),
+    ("schedule.supervised.epochs=true", "schedule.supervised.epochs", "True"),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "shown"), BAD_VALUES,
+                         ids=[override for override, _, _ in BAD_VALUES])
+def test_validate_rejects_and_names_the_key(make_cfg, override, key, shown):
+    cfg = make_cfg(override)
+    with pytest.raises(ConfigError) as excinfo:
+        validate(cfg)
+    message = str(excinfo.value)
+    assert message.startswith(f"{key} must be"), message
+    assert message.endswith(f"got {shown}"), message
+
+
+def test_validate_lists_the_choices(make_cfg):
+    with pytest.raises(ConfigError) as excinfo:
+        validate(make_cfg("schedule.supervised.optimizer=rmsprop"))
+    for choice in ("adam", "adamw", "sgd"):
+        assert choice in str(excinfo.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("data.train_limit=null",),
+    ("data.train_limit=null", "data.test_limit=null"),
+    ("data.train_limit=1", "data.test_limit=1", "data.val_size=0"),
+    ("schedule.supervised.epochs=0", "schedule.unsupervised.epochs=0"),
+    ("schedule.supervised.lr=1",),
+    ("device=cpu",), ("device=cuda",), ("device=cuda:1",), ("device=auto",),
+    ("model.input_scale=symmetric",),
+    ("schedule.supervised.optimizer=sgd", "schedule.supervised.lr_schedule=constant"),
+])
+def test_validate_accepts(make_cfg, overrides):
+    cfg = make_cfg(*overrides)
+    validate(cfg)
+    if "data.train_limit=null" in overrides:
+        assert cfg.data.train_limit is None
