@@ -297,6 +297,9 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         row.update(epoch_time_s=round(seconds, 4), samples_per_s=round(len(train) / seconds, 1),
                    elapsed_s=round(time.perf_counter() - start, 3))
         recorder.log_metrics(row)
+        if not all(math.isfinite(row[k]) for k in ("val_loss", "test_loss") if k in row):
+            # The last step of the epoch made the weights non-finite; no training loss saw it.
+            raise Diverged(sup.name, epoch + 1, step)
         if result.best_test_acc is None or row["test_acc"] > result.best_test_acc:
             result.best_test_acc, result.best_epoch = row["test_acc"], epoch + 1
         result.test_acc = row["test_acc"]

@@ -40,7 +40,7 @@ def bp_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int]
 
 
 @register_model
-def cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (32, 64),
+def cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
         hidden: Sequence[int] = (256,), activation: str = "relu",
         dropout: float = 0.3) -> Classifier:
     """Two 5x5 convolution + 2x2 max-pool blocks, then fully connected layers, by backprop."""
