@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from bioexp import __version__
 from bioexp.data import load_dataset
 from bioexp.data.sources import SOURCES, locate
+from bioexp.records import read_json
 from bioexp.registry import build_model
 
 MODELS = ("bp_mlp", "cnn")
@@ -43,11 +44,8 @@ def output_of(result) -> str:
     return result.stdout + result.stderr
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def read_metrics(path: Path) -> list[dict]:
+    """Every line of metrics.jsonl, parsed strictly: a torn line fails the test."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -570,3 +570,37 @@ def test_real_fashion_mnist_subset():
     assert len(labels.unique()) == 10
     assert ds.train.x.min().item() >= 0.0 and ds.train.x.max().item() <= 1.0
     assert ds.train.x.max().item() > 0.5
+
+
+def write_cifar_batch(path: Path, first_label: int, n: int) -> None:
+    """A CIFAR-10 python batch whose image i has every byte equal to first_label + i."""
+    import pickle
+
+    labels = [(first_label + i) % 10 for i in range(n)]
+    data = np.repeat(np.array(labels, dtype=np.uint8)[:, None], 3 * 32 * 32, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f)
+
+
+def test_cifar10_batches_are_read_in_the_torchvision_layout(clean_data_env):
+    folder = clean_data_env["tmp"] / "root" / "cifar-10-batches-py"
+    for i in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", i, 4)
+    write_cifar_batch(folder / "test_batch", 7, 3)
+    data = load_dataset(data_cfg("cifar10", root=str(folder.parent)), "unit")
+    assert data.input_shape == (3, 32, 32) and data.num_classes == 10
+    assert len(data.train) == 20 and len(data.test) == 3
+    assert data.train.y[:4].tolist() == [1, 2, 3, 4] and data.test.y.tolist() == [7, 8, 9]
+    # Pixels follow their labels through reading and scaling.
+    assert torch.allclose(data.train.x[:, 2, 31, 31] * 255, data.train.y.float())
+    assert data.class_names[0] == "airplane"
+
+
+def test_damaged_cifar10_batch_is_a_data_error(clean_data_env):
+    folder = clean_data_env["tmp"] / "root" / "cifar-10-batches-py"
+    for i in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", i, 2)
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="test_batch"):
+        load_dataset(data_cfg("cifar10", root=str(folder.parent)), "unit")
