@@ -5,6 +5,8 @@ Two schedules share these loops. `two_phase` first trains the local layers witho
 epochs); when the frozen body is deterministic, the head trains on features computed once.
 `one_phase` runs only supervised epochs, and local layers update on every forward pass of them.
 Local layers are found by `isinstance(module, LocalLayer)` and updated under `torch.no_grad()`.
+After every supervised epoch, models with feedback layers also log their alignment angles,
+measured on a fixed batch of training images.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from torch import nn
 from tqdm import tqdm
 
 from bioexp.data import Dataset, Split
+from bioexp.feedback.alignment import alignment_angles
 from bioexp.layers import LocalLayer
 from bioexp.records import RunRecorder
 
 log = logging.getLogger(__name__)
+
+ALIGNMENT_BATCH = 512  # training images on which alignment angles are measured
 
 
 class Diverged(RuntimeError):
@@ -190,7 +195,7 @@ def evaluate(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], 
 def frozen_body(model: nn.Module) -> nn.Module | None:
     """The model's body when features can be computed once: frozen, deterministic, not empty."""
     body = getattr(model, "body", None)
-    if body is None or isinstance(body, nn.Identity) or not local_layers(body):
+    if body is None or isinstance(body, nn.Identity):
         return None
     if any(p.requires_grad for p in body.parameters()):
         return None
@@ -256,7 +261,7 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
 
     # Phase 2 (or the only phase): the optimiser trains every parameter that requires grad.
     train, test, val, forward = data.train, data.test, data.val, model
-    body = frozen_body(model) if schedule.name == "two_phase" else None
+    body = frozen_body(model) if not (schedule.name == "one_phase" and locals_) else None
     if body is not None:
         log.info("body is frozen: computing its features once for the supervised phase")
         train = precompute(body, train, eval_batch_size)
@@ -274,6 +279,7 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         result.test_acc = result.best_test_acc = test_acc
         return result
     optimizer = make_optimizer(params, sup)
+    probe = slice(0, min(len(train), ALIGNMENT_BATCH))  # fixed batch for alignment angles
     one_phase_local = schedule.name == "one_phase" and locals_
     if one_phase_local:
         log.info("one phase: %d local layers learn during the supervised epochs", len(locals_))
@@ -294,6 +300,7 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         if val is not None:
             row["val_loss"], row["val_acc"] = evaluate(model, forward, val, eval_batch_size)
         row["test_loss"], row["test_acc"] = evaluate(model, forward, test, eval_batch_size)
+        row.update(alignment_angles(model, forward, train.x[probe], train.y[probe]))
         row.update(epoch_time_s=round(seconds, 4), samples_per_s=round(len(train) / seconds, 1),
                    elapsed_s=round(time.perf_counter() - start, 3))
         recorder.log_metrics(row)

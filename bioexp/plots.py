@@ -34,3 +34,26 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_alignment(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """Alignment angle per layer and epoch; None when the run logged no angles."""
+    rows = [r for r in rows if r.get("phase") == "supervised"]
+    keys = sorted({k for r in rows for k in r if k.startswith("angle/")})
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3,
+                label=key.removeprefix("angle/"))
+    ax.axhline(90, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="epoch", ylabel="angle to the backprop update (degrees)", ylim=(0, 100),
+           title=title or "alignment with backprop")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -30,7 +30,7 @@ from bioexp.config import config_dir, validate
 from bioexp.data import load_dataset
 from bioexp.engine import Diverged, Schedule, fit
 from bioexp.errors import BioexpError, DeviceError
-from bioexp.plots import plot_curves
+from bioexp.plots import plot_alignment, plot_curves
 from bioexp.records import RunRecorder
 from bioexp.registry import build_model, check_hyperparameters
 
@@ -180,8 +180,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         recorder.update_summary(finished=_now(),
                                 wall_time_s=round(time.perf_counter() - start, 3))
         if recorder.rows:
-            plot_curves(recorder.rows, run_dir / "plots" / "curves.png",
-                        title=f"{cfg.model.get('name')} on {cfg.data.get('name')}")
+            title = f"{cfg.model.get('name')} on {cfg.data.get('name')}"
+            plot_curves(recorder.rows, run_dir / "plots" / "curves.png", title=title)
+            plot_alignment(recorder.rows, run_dir / "plots" / "alignment.png", title=title)
     return recorder.summary
 
 

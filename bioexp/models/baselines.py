@@ -1,12 +1,14 @@
 """Backprop baselines: a multilayer perceptron and a small LeNet-style CNN.
 
 Both are trained end to end by backpropagation (Rumelhart, Hinton & Williams 1986) and are the
-yardstick for every biologically plausible model in bioexp.
+yardstick for every biologically plausible model in bioexp. The builders here are shared with
+the feedback-alignment family, which swaps in its own layer classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -16,26 +18,44 @@ from bioexp.registry import register_model
 
 
 def mlp_layers(sizes: Sequence[int], act: str, dropout: float,
-               linear: type[nn.Module] = nn.Linear) -> list[nn.Module]:
-    """Linear layers of `sizes` (input first, logits last) with activation and dropout between."""
+               linear: Callable[[int, int], nn.Module] = nn.Linear,
+               mark_hidden: Callable[[], nn.Module] | None = None) -> list[nn.Module]:
+    """Linear layers of `sizes` (input first, logits last), activation and dropout between.
+
+    `mark_hidden`, when given, makes a module placed after each hidden activation (DFA's).
+    """
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(linear(fan_in, fan_out))
         if i < len(sizes) - 2:
             layers.append(make_activation(act))
+            if mark_hidden is not None:
+                layers.append(mark_hidden())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
     return layers
+
+
+def conv_blocks(input_shape: Sequence[int], channels: Sequence[int], act: str,
+                conv: Callable[..., nn.Module] = nn.Conv2d) -> tuple[list[nn.Module], int]:
+    """Two 5x5 convolution (same padding) + activation + 2x2 max-pool blocks; also returns the
+    flattened size of their output."""
+    if len(channels) != 2:
+        raise ConfigError(f"model.channels must list two channel counts, got {list(channels)}")
+    c_in, height, width = input_shape
+    blocks: list[nn.Module] = []
+    for c_out in channels:
+        blocks += [conv(c_in, c_out, kernel_size=5, padding=2), make_activation(act),
+                   nn.MaxPool2d(2)]
+        c_in = c_out
+    return blocks, c_in * (height // 4) * (width // 4)
 
 
 @register_model
 def bp_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
            activation: str = "relu", dropout: float = 0.2) -> Classifier:
     """Multilayer perceptron trained by backprop (hidden sizes configurable)."""
-    n_in = 1
-    for d in input_shape:
-        n_in *= d
-    sizes = [n_in, *hidden, num_classes]
+    sizes = [math.prod(input_shape), *hidden, num_classes]
     return Classifier(nn.Sequential(nn.Flatten(), *mlp_layers(sizes, activation, dropout)))
 
 
@@ -44,15 +64,6 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] 
         hidden: Sequence[int] = (256,), activation: str = "relu",
         dropout: float = 0.3) -> Classifier:
     """Two 5x5 convolution + 2x2 max-pool blocks, then fully connected layers, by backprop."""
-    if len(channels) != 2:
-        raise ConfigError(f"model.channels must list two channel counts, got {list(channels)}")
-    c_in, height, width = input_shape
-    blocks: list[nn.Module] = []
-    for c_out in channels:
-        blocks += [nn.Conv2d(c_in, c_out, kernel_size=5, padding=2), make_activation(activation),
-                   nn.MaxPool2d(2)]
-        c_in = c_out
-    flat = c_in * (height // 4) * (width // 4)
-    head = nn.Sequential(*blocks, nn.Flatten(),
-                         *mlp_layers([flat, *hidden, num_classes], activation, dropout))
-    return Classifier(head)
+    blocks, flat = conv_blocks(input_shape, channels, activation)
+    fc = mlp_layers([flat, *hidden, num_classes], activation, dropout)
+    return Classifier(nn.Sequential(*blocks, nn.Flatten(), *fc))

@@ -1,0 +1,1 @@
+"""Feedback-alignment family: autograd Functions whose backward pass uses a feedback matrix."""

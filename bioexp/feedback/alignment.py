@@ -1,0 +1,58 @@
+"""The alignment angle: how far the update a feedback rule delivers is from backprop's.
+
+For each weight the rule trains, the angle in degrees between the gradient the model's own
+backward pass gives and the gradient exact backprop gives, on the same batch, in eval mode (no
+dropout noise). Lillicrap et al. 2016 show this angle falling well below 90 degrees as the
+forward weights come to align with B; 0 means the rule delivers backprop's direction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bioexp.layers.feedback import FeedbackLayer, exact_backprop
+
+
+def measured_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the trainable Linear and Conv2d layers of a model with feedback layers."""
+    if not any(isinstance(m, FeedbackLayer) for m in model.modules()):
+        return []
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad]
+
+
+def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Angle between two tensors seen as vectors; NaN when either is zero."""
+    a, b = a.flatten().double(), b.flatten().double()
+    norms = a.norm() * b.norm()
+    if norms == 0:
+        return float("nan")
+    cos = (a @ b / norms).clamp(-1.0, 1.0)
+    return math.degrees(math.acos(cos.item()))
+
+
+def alignment_angles(model: nn.Module, forward: nn.Module, x: torch.Tensor,
+                     y: torch.Tensor) -> dict[str, float]:
+    """{"angle/<layer name>": degrees} for every measured layer; {} for other models.
+
+    `forward` is the callable that maps x to the model's output (the model itself, or its head
+    when the body's features were precomputed); `model.loss` scores it.
+    """
+    layers = measured_layers(model)
+    if not layers:
+        return {}
+    weights = [m.weight for _, m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            rule = torch.autograd.grad(model.loss(forward(x), y), weights)
+            with exact_backprop(model):
+                exact = torch.autograd.grad(model.loss(forward(x), y), weights)
+    finally:
+        model.train(was_training)
+    return {f"angle/{name}": angle_degrees(g, e)
+            for (name, _), g, e in zip(layers, rule, exact, strict=True)}

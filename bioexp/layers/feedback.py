@@ -1,0 +1,171 @@
+"""Layers whose backward pass departs from backprop: FA, sign-symmetry and DFA.
+
+One class per variant; each overrides one small method (`init_feedback` and `feedback`).
+Feedback matrices are buffers: they follow `.to(device)`, are saved in `state_dict`, and the
+optimiser never sees them. `exact_backprop(model)` switches every such layer back to plain
+backprop for a while; the alignment angle compares the two updates that way.
+
+- FA, Lillicrap et al. 2016 (Nature Communications 7:13276): B fixed and random.
+- Sign-symmetry, Liao, Leibo & Poggio 2016 ("How important is weight symmetry in
+  backpropagation?", AAAI; "uSF"): B = sign(W) times a scale, refreshed from W at every step.
+- DFA, Nøkland 2016 ("Direct feedback alignment provides learning in deep neural networks",
+  NeurIPS): the output error reaches each hidden layer through its own fixed random matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from bioexp.feedback.functions import DirectFeedback, conv2d_feedback, linear_feedback
+
+FEEDBACK_INITS = ("kaiming", "xavier")
+
+
+def random_matrix(shape: Sequence[int], init: str) -> torch.Tensor:
+    """A random matrix drawn like a weight: Kaiming uniform (nn.Linear's default) or Xavier."""
+    if init not in FEEDBACK_INITS:
+        raise ValueError(f"feedback init must be one of {', '.join(FEEDBACK_INITS)}, got {init!r}")
+    b = torch.empty(*shape)
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.xavier_uniform_(b)
+    return b
+
+
+class FeedbackLayer(nn.Module):
+    """Base of every layer whose backward pass departs from backprop; `exact` restores it."""
+
+    exact: bool = False
+
+
+class RandomFeedback(FeedbackLayer):
+    """B fixed and random, optionally rescaled to W's Frobenius norm at initialisation."""
+
+    def init_feedback(self, init: str, scale_to_weight: bool) -> None:
+        b = random_matrix(self.weight.shape, init)
+        if scale_to_weight:
+            b.mul_(self.weight.detach().norm() / b.norm())
+        self.register_buffer("feedback_weight", b)
+
+    def feedback(self) -> torch.Tensor:
+        return self.feedback_weight
+
+
+class SignFeedback(FeedbackLayer):
+    """B = sign(W) * mean|W|, recomputed from W at every forward pass (kept in a buffer)."""
+
+    def init_feedback(self, init: str, scale_to_weight: bool) -> None:
+        self.register_buffer("feedback_weight", torch.zeros_like(self.weight.detach()))
+
+    def feedback(self) -> torch.Tensor:
+        with torch.no_grad():
+            torch.mul(torch.sign(self.weight), self.weight.abs().mean(), out=self.feedback_weight)
+        return self.feedback_weight
+
+
+class _FeedbackLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 init: str = "kaiming", scale_to_weight: bool = False):
+        super().__init__(in_features, out_features, bias)
+        self.init_feedback(init, scale_to_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.weight if self.exact else self.feedback()
+        return linear_feedback(x, self.weight, self.bias, b)
+
+
+class _FeedbackConv2d(nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, init: str = "kaiming",
+                 scale_to_weight: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         bias=bias)
+        self.init_feedback(init, scale_to_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.weight if self.exact else self.feedback()
+        return conv2d_feedback(x, self.weight, self.bias, b, self.stride, self.padding,
+                               self.dilation, self.groups)
+
+
+class FALinear(RandomFeedback, _FeedbackLinear):
+    """Linear layer trained by feedback alignment (fixed random B)."""
+
+
+class FAConv2d(RandomFeedback, _FeedbackConv2d):
+    """2-D convolution trained by feedback alignment (fixed random B)."""
+
+
+class SignLinear(SignFeedback, _FeedbackLinear):
+    """Linear layer trained with sign-symmetric feedback."""
+
+
+class SignConv2d(SignFeedback, _FeedbackConv2d):
+    """2-D convolution trained with sign-symmetric feedback."""
+
+
+class DFAHidden(nn.Module):
+    """Marks a hidden activation h for direct feedback alignment.
+
+    While gradients are on, it hands h to its `DFAOutput` and passes on h.detach(): no error
+    from the layers above reaches h by backprop; the DFAOutput's Function delivers e B_i instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._owner: list[DFAOutput] = []  # a list, so the owner is not a registered child
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        owner = self._owner[0]
+        if owner.exact or not torch.is_grad_enabled():
+            return h
+        owner.recorded.append(h)
+        return h.detach()
+
+
+class DFAOutput(FeedbackLayer):
+    """Applied to the network output: routes the output error to every marked hidden layer.
+
+    `feedback_i` (num_classes x hidden size i) is the fixed random matrix of marker i.
+    """
+
+    def __init__(self, markers: Sequence[DFAHidden], num_classes: int,
+                 hidden_sizes: Sequence[int], init: str = "kaiming"):
+        super().__init__()
+        self.n_hidden = len(markers)
+        for marker in markers:
+            marker._owner.append(self)
+        self.recorded: list[torch.Tensor] = []
+        for i, size in enumerate(hidden_sizes):
+            self.register_buffer(f"feedback_{i}", random_matrix((num_classes, size), init))
+
+    def feedbacks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"feedback_{i}") for i in range(self.n_hidden)]
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        hidden, self.recorded = self.recorded, []
+        if self.exact or not torch.is_grad_enabled():
+            return output
+        if len(hidden) != self.n_hidden:
+            raise RuntimeError(f"DFA expected {self.n_hidden} marked activations in this forward "
+                               f"pass, got {len(hidden)}")
+        return DirectFeedback.apply(output, self.n_hidden, *self.feedbacks(), *hidden)
+
+
+@contextmanager
+def exact_backprop(model: nn.Module) -> Iterator[None]:
+    """Within the block, every feedback layer of `model` backpropagates exactly."""
+    layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
+    for layer in layers:
+        layer.exact = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.exact = False

@@ -1,0 +1,129 @@
+"""The feedback-alignment family as whole networks: FA, sign-symmetry and DFA MLPs, an all-FA
+CNN, and `cnn_fa`, backprop-trained (or loaded and frozen) convolutions under an FA head.
+
+The MLPs share `bp_mlp`'s defaults so that the four compare like for like; `cnn_fa` is the
+comparison made by the Brown CLPS1291 project that bioexp grew from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bioexp.errors import ConfigError
+from bioexp.layers.feedback import (
+    FEEDBACK_INITS,
+    DFAHidden,
+    DFAOutput,
+    FAConv2d,
+    FALinear,
+    SignLinear,
+)
+from bioexp.models.base import Classifier
+from bioexp.models.baselines import conv_blocks, mlp_layers
+from bioexp.records import CHECKPOINT
+from bioexp.registry import register_model
+
+
+def _check_init(init: str) -> None:
+    if init not in FEEDBACK_INITS:
+        raise ConfigError(f"model.feedback_init must be one of {', '.join(FEEDBACK_INITS)}, "
+                          f"got {init!r}")
+
+
+@register_model
+def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
+           activation: str = "relu", dropout: float = 0.2, feedback_init: str = "kaiming",
+           feedback_scale: bool = False) -> Classifier:
+    """MLP trained by feedback alignment: errors flow back through fixed random matrices."""
+    _check_init(feedback_init)
+    sizes = [math.prod(input_shape), *hidden, num_classes]
+    linear = partial(FALinear, init=feedback_init, scale_to_weight=feedback_scale)
+    return Classifier(nn.Sequential(nn.Flatten(), *mlp_layers(sizes, activation, dropout, linear)))
+
+
+@register_model
+def sign_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
+             activation: str = "relu", dropout: float = 0.2) -> Classifier:
+    """MLP trained with sign-symmetric feedback: errors flow back through sign(W) * mean|W|."""
+    sizes = [math.prod(input_shape), *hidden, num_classes]
+    return Classifier(nn.Sequential(nn.Flatten(),
+                                    *mlp_layers(sizes, activation, dropout, SignLinear)))
+
+
+@register_model
+def dfa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
+            activation: str = "relu", dropout: float = 0.2,
+            feedback_init: str = "kaiming") -> Classifier:
+    """MLP trained by direct feedback alignment: the output error goes straight to each layer."""
+    _check_init(feedback_init)
+    markers: list[DFAHidden] = []
+
+    def mark() -> DFAHidden:
+        markers.append(DFAHidden())
+        return markers[-1]
+
+    sizes = [math.prod(input_shape), *hidden, num_classes]
+    layers = mlp_layers(sizes, activation, dropout, mark_hidden=mark)
+    output = DFAOutput(markers, num_classes, list(hidden), feedback_init)
+    return Classifier(nn.Sequential(nn.Flatten(), *layers, output))
+
+
+@register_model
+def fa_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
+           hidden: Sequence[int] = (256,), activation: str = "relu", dropout: float = 0.3,
+           feedback_init: str = "kaiming", feedback_scale: bool = False) -> Classifier:
+    """`cnn`'s architecture with every layer, convolutions included, trained by FA."""
+    _check_init(feedback_init)
+    options = {"init": feedback_init, "scale_to_weight": feedback_scale}
+    blocks, flat = conv_blocks(input_shape, channels, activation, partial(FAConv2d, **options))
+    fc = mlp_layers([flat, *hidden, num_classes], activation, dropout,
+                    partial(FALinear, **options))
+    return Classifier(nn.Sequential(*blocks, nn.Flatten(), *fc))
+
+
+@register_model
+def cnn_fa(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
+           hidden: Sequence[int] = (256,), activation: str = "relu", dropout: float = 0.3,
+           feedback_init: str = "kaiming", feedback_scale: bool = False,
+           conv_from: str | None = None) -> Classifier:
+    """Backprop-trained convolutions (or frozen ones from a `cnn` run) under an FA head."""
+    _check_init(feedback_init)
+    blocks, flat = conv_blocks(input_shape, channels, activation)
+    fc = mlp_layers([flat, *hidden, num_classes], activation, dropout,
+                    partial(FALinear, init=feedback_init, scale_to_weight=feedback_scale))
+    body = nn.Sequential(*blocks)
+    if conv_from is not None:
+        load_frozen_convolutions(body, Path(conv_from))
+    return Classifier(head=nn.Sequential(nn.Flatten(), *fc), body=body)
+
+
+def load_frozen_convolutions(body: nn.Module, run_dir: Path) -> None:
+    """Copy the convolution weights of a run's checkpoint into `body` in order, and freeze them."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"model.conv_from: {run_dir} has no checkpoint ({CHECKPOINT})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except Exception as exc:  # a damaged or foreign file can fail in many ways
+        raise ConfigError(f"model.conv_from: {path} is not a readable bioexp checkpoint "
+                          f"({type(exc).__name__})") from None
+    convs = [m for m in body.modules() if isinstance(m, nn.Conv2d)]
+    keys = [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 4]
+    if len(keys) != len(convs):
+        raise ConfigError(f"model.conv_from: the checkpoint in {run_dir} has {len(keys)} "
+                          f"convolution layers, this model has {len(convs)}")
+    with torch.no_grad():
+        for conv, key in zip(convs, keys, strict=True):
+            if state[key].shape != conv.weight.shape:
+                raise ConfigError(
+                    f"model.conv_from: {key} in {run_dir} has shape {tuple(state[key].shape)}, "
+                    f"this model needs {tuple(conv.weight.shape)} (match model.channels)")
+            conv.weight.copy_(state[key])
+            conv.bias.copy_(state[key.removesuffix("weight") + "bias"])
+    body.requires_grad_(False)
