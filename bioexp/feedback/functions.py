@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 
 class LinearFeedback(torch.autograd.Function):
@@ -70,7 +71,9 @@ def linear_feedback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def conv2d_feedback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     feedback: torch.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                     groups: int = 1) -> torch.Tensor:
-    return Conv2dFeedback.apply(x, weight, bias, feedback, stride, padding, dilation, groups)
+    # convolution_backward takes int lists only, where F.conv2d also takes ints.
+    return Conv2dFeedback.apply(x, weight, bias, feedback, _pair(stride), _pair(padding),
+                                _pair(dilation), groups)
 
 
 class DirectFeedback(torch.autograd.Function):

@@ -58,15 +58,20 @@ class RandomFeedback(FeedbackLayer):
 
 
 class SignFeedback(FeedbackLayer):
-    """B = sign(W) * mean|W|, recomputed from W at every forward pass (kept in a buffer)."""
+    """B = sign(W) * mean|W|, recomputed from W at every forward pass.
+
+    Each forward pass gets a fresh tensor (a backward pass may still need the previous one);
+    the buffer keeps a copy of the latest B for inspection and checkpoints.
+    """
 
     def init_feedback(self, init: str, scale_to_weight: bool) -> None:
         self.register_buffer("feedback_weight", torch.zeros_like(self.weight.detach()))
 
     def feedback(self) -> torch.Tensor:
         with torch.no_grad():
-            torch.mul(torch.sign(self.weight), self.weight.abs().mean(), out=self.feedback_weight)
-        return self.feedback_weight
+            b = torch.sign(self.weight) * self.weight.abs().mean()
+            self.feedback_weight.copy_(b)
+        return b
 
 
 class _FeedbackLinear(nn.Linear):
