@@ -346,10 +346,11 @@ def test_cuda_without_cuda(bioexp, tmp_path):
 
 
 def test_divergence_is_recorded_and_keeps_the_folder(bioexp, tmp_path):
-    # SGD at lr 100 survives the first epoch (finite but huge losses) and overflows in the second
+    # SGD at lr 100 with dropout survives the first epoch (finite but huge losses) and
+    # overflows in the second (seed 0, CPU: deterministic)
     run_dir = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("schedule.supervised.epochs=")]
-    result = bioexp("train", *args, "schedule.supervised.epochs=3",
+    result = bioexp("train", *args, "schedule.supervised.epochs=3", "model.dropout=0.2",
                     "schedule.supervised.optimizer=sgd", "schedule.supervised.lr=100",
                     "schedule.supervised.lr_schedule=constant", f"hydra.run.dir={run_dir}")
     assert_clean_failure(result, tmp_path, "diverged")

@@ -183,3 +183,14 @@ def test_validate_accepts(make_cfg, overrides):
     validate(cfg)
     if "data.train_limit=null" in overrides:
         assert cfg.data.train_limit is None
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_config_values_equal_the_factory_defaults(make_cfg, model):
+    """conf/model/<name>.yaml and the factory's defaults tell one story (no silent drift)."""
+    cfg = make_cfg(f"model={model}")
+    defaults = {e.name: e for e in list_models()}[cfg.model.name].hyperparameters()
+    for key, value in hyperparameters(cfg).items():
+        default = defaults[key]
+        expected = list(default) if isinstance(default, tuple) else default
+        assert value == expected, f"{model}.yaml sets {key}={value!r}, the factory {default!r}"

@@ -41,7 +41,7 @@ def test_list_models_has_the_baselines_with_descriptions():
 def test_hyperparameters_are_the_factory_keywords():
     entries = {entry.name: entry for entry in list_models()}
     assert entries["bp_mlp"].hyperparameters() == {
-        "hidden": (512, 256), "activation": "relu", "dropout": 0.2}
+        "hidden": (512, 256), "activation": "relu", "dropout": 0.0}
     for entry in entries.values():
         assert "input_shape" not in entry.hyperparameters()
         assert "num_classes" not in entry.hyperparameters()

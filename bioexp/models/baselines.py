@@ -53,7 +53,7 @@ def conv_blocks(input_shape: Sequence[int], channels: Sequence[int], act: str,
 
 @register_model
 def bp_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-           activation: str = "relu", dropout: float = 0.2) -> Classifier:
+           activation: str = "relu", dropout: float = 0.0) -> Classifier:
     """Multilayer perceptron trained by backprop (hidden sizes configurable)."""
     sizes = [math.prod(input_shape), *hidden, num_classes]
     return Classifier(nn.Sequential(nn.Flatten(), *mlp_layers(sizes, activation, dropout)))

@@ -38,7 +38,7 @@ def _check_init(init: str) -> None:
 
 @register_model
 def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-           activation: str = "relu", dropout: float = 0.2, feedback_init: str = "kaiming",
+           activation: str = "relu", dropout: float = 0.0, feedback_init: str = "kaiming",
            feedback_scale: bool = False) -> Classifier:
     """MLP trained by feedback alignment: errors flow back through fixed random matrices."""
     _check_init(feedback_init)
@@ -49,7 +49,7 @@ def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int]
 
 @register_model
 def sign_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-             activation: str = "relu", dropout: float = 0.2) -> Classifier:
+             activation: str = "relu", dropout: float = 0.0) -> Classifier:
     """MLP trained with sign-symmetric feedback: errors flow back through sign(W) * mean|W|."""
     sizes = [math.prod(input_shape), *hidden, num_classes]
     return Classifier(nn.Sequential(nn.Flatten(),
@@ -58,7 +58,7 @@ def sign_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[in
 
 @register_model
 def dfa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-            activation: str = "relu", dropout: float = 0.2,
+            activation: str = "relu", dropout: float = 0.0,
             feedback_init: str = "kaiming") -> Classifier:
     """MLP trained by direct feedback alignment: the output error goes straight to each layer."""
     _check_init(feedback_init)
