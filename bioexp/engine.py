@@ -280,6 +280,9 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         return result
     optimizer = make_optimizer(params, sup)
     probe = slice(0, min(len(train), ALIGNMENT_BATCH))  # fixed batch for alignment angles
+    initial_angles = alignment_angles(model, forward, train.x[probe], train.y[probe])
+    if initial_angles:  # the curve's starting point: before any update, about 90 degrees
+        recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": step, **initial_angles})
     one_phase_local = schedule.name == "one_phase" and locals_
     if one_phase_local:
         log.info("one phase: %d local layers learn during the supervised epochs", len(locals_))

@@ -626,7 +626,9 @@ def test_fit_logs_alignment_angles_every_epoch(tmp_path: Path, name: str) -> Non
     keys = {f"angle/{n}" for n, _ in measured_layers(model)}
     assert len(keys) == 3
     rows = [r for r in recorder.rows if r["phase"] == "supervised"]
-    assert len(rows) == 3
+    # epoch 0 is the measurement before any update, then one row per epoch
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["step"] == 0 and "test_acc" not in rows[0]
     for row in rows:
         assert keys <= set(row)
         assert all(0 <= row[k] <= 180 for k in keys)
