@@ -13,7 +13,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from torch import nn
 
@@ -74,6 +74,8 @@ def _conforms(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -96,6 +98,8 @@ def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
     if hint is type(None):
         return "null"
     if origin in (list, tuple, Sequence, typing.Sequence):
@@ -115,8 +119,9 @@ def check_hyperparameters(name: str, hyperparameters: dict[str, Any]) -> None:
             raise ConfigError(f"model.{key} is not an option of model {name} (options: {options})")
         if key in hints and not _conforms(value, hints[key]):
             kind = _describe(hints[key])
-            article = "an" if kind[0] in "aeiou" else "a"
-            raise ConfigError(f"model.{key} must be {article} {kind}, got {value!r}")
+            if not kind.startswith("one of"):
+                kind = ("an " if kind[0] in "aeiou" else "a ") + kind
+            raise ConfigError(f"model.{key} must be {kind}, got {value!r}")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,

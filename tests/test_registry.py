@@ -186,3 +186,11 @@ def test_every_model_forward_and_backward(name, input_shape, num_classes):
 def test_build_model_rejects_an_unknown_keyword():
     with pytest.raises(ConfigError, match=r"model\.hiddden"):
         build_model("bp_mlp", (1, 28, 28), 10, hiddden=[32])
+
+
+def test_literal_hyperparameter_lists_its_choices():
+    with pytest.raises(ConfigError) as excinfo:
+        build_model("fa_mlp", (1, 28, 28), 10, feedback_init="gaussian")
+    assert str(excinfo.value) == ("model.feedback_init must be one of kaiming, xavier, "
+                                  "got 'gaussian'")
+    build_model("fa_mlp", (1, 28, 28), 10, feedback_init="xavier")  # a listed choice builds

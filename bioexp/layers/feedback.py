@@ -17,13 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from bioexp.feedback.functions import DirectFeedback, conv2d_feedback, linear_feedback
 
-FEEDBACK_INITS = ("kaiming", "xavier")
+FeedbackInit = Literal["kaiming", "xavier"]
+FEEDBACK_INITS = get_args(FeedbackInit)
 
 
 def random_matrix(shape: Sequence[int], init: str) -> torch.Tensor:

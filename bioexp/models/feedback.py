@@ -17,11 +17,11 @@ from torch import nn
 
 from bioexp.errors import ConfigError
 from bioexp.layers.feedback import (
-    FEEDBACK_INITS,
     DFAHidden,
     DFAOutput,
     FAConv2d,
     FALinear,
+    FeedbackInit,
     SignLinear,
 )
 from bioexp.models.base import Classifier
@@ -30,18 +30,11 @@ from bioexp.records import CHECKPOINT
 from bioexp.registry import register_model
 
 
-def _check_init(init: str) -> None:
-    if init not in FEEDBACK_INITS:
-        raise ConfigError(f"model.feedback_init must be one of {', '.join(FEEDBACK_INITS)}, "
-                          f"got {init!r}")
-
-
 @register_model
 def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-           activation: str = "relu", dropout: float = 0.0, feedback_init: str = "kaiming",
+           activation: str = "relu", dropout: float = 0.0, feedback_init: FeedbackInit = "kaiming",
            feedback_scale: bool = False) -> Classifier:
     """MLP trained by feedback alignment: errors flow back through fixed random matrices."""
-    _check_init(feedback_init)
     sizes = [math.prod(input_shape), *hidden, num_classes]
     linear = partial(FALinear, init=feedback_init, scale_to_weight=feedback_scale)
     return Classifier(nn.Sequential(nn.Flatten(), *mlp_layers(sizes, activation, dropout, linear)))
@@ -59,9 +52,8 @@ def sign_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[in
 @register_model
 def dfa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
             activation: str = "relu", dropout: float = 0.0,
-            feedback_init: str = "kaiming") -> Classifier:
+            feedback_init: FeedbackInit = "kaiming") -> Classifier:
     """MLP trained by direct feedback alignment: the output error goes straight to each layer."""
-    _check_init(feedback_init)
     markers: list[DFAHidden] = []
 
     def mark() -> DFAHidden:
@@ -77,9 +69,8 @@ def dfa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int
 @register_model
 def fa_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
            hidden: Sequence[int] = (256,), activation: str = "relu", dropout: float = 0.3,
-           feedback_init: str = "kaiming", feedback_scale: bool = False) -> Classifier:
+           feedback_init: FeedbackInit = "kaiming", feedback_scale: bool = False) -> Classifier:
     """`cnn`'s architecture with every layer, convolutions included, trained by FA."""
-    _check_init(feedback_init)
     options = {"init": feedback_init, "scale_to_weight": feedback_scale}
     blocks, flat = conv_blocks(input_shape, channels, activation, partial(FAConv2d, **options))
     fc = mlp_layers([flat, *hidden, num_classes], activation, dropout,
@@ -90,10 +81,9 @@ def fa_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[in
 @register_model
 def cnn_fa(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
            hidden: Sequence[int] = (256,), activation: str = "relu", dropout: float = 0.3,
-           feedback_init: str = "kaiming", feedback_scale: bool = False,
+           feedback_init: FeedbackInit = "kaiming", feedback_scale: bool = False,
            conv_from: str | None = None) -> Classifier:
     """Backprop-trained convolutions (or frozen ones from a `cnn` run) under an FA head."""
-    _check_init(feedback_init)
     blocks, flat = conv_blocks(input_shape, channels, activation)
     fc = mlp_layers([flat, *hidden, num_classes], activation, dropout,
                     partial(FALinear, init=feedback_init, scale_to_weight=feedback_scale))
