@@ -10,11 +10,10 @@ ratio to the plain layer (the FA issue's target for FALinear: at most 1.15x).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import device_label, interleaved_medians
 from torch import nn
 
 from bioexp.layers.feedback import FAConv2d, FALinear, SignLinear
@@ -35,25 +34,6 @@ def step_fn(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def median_times(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                 inner: int) -> dict[str, float]:
-    for fn in fns.values():  # warm-up
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():  # interleaved, so drift hits every variant alike
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - t0) / inner)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def report(title: str, medians: dict[str, float]) -> None:
     base = next(iter(medians.values()))
     print(title)
@@ -68,9 +48,7 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=20, help="steps per timed repeat")
     opts = parser.parse_args()
     device = torch.device(opts.device)
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU, {torch.get_num_threads()} threads")
-    print(f"median of {opts.repeats} repeats of {opts.inner} steps, {name}, "
+    print(f"median of {opts.repeats} repeats of {opts.inner} steps, {device_label(device)}, "
           f"torch {torch.__version__}")
     for batch, n_in, n_out in LINEAR_SHAPES:
         torch.manual_seed(0)
@@ -79,7 +57,7 @@ def main() -> None:
                   "SignLinear": SignLinear(n_in, n_out)}
         fns = {k: step_fn(v.to(device), x) for k, v in layers.items()}
         report(f"linear, batch {batch}, {n_in} -> {n_out}",
-               median_times(fns, device, opts.repeats, opts.inner))
+               interleaved_medians(fns, device, opts.repeats, opts.inner, warmup=3))
     for batch, c_in, c_out, size in CONV_SHAPES:
         torch.manual_seed(0)
         x = torch.randn(batch, c_in, size, size, device=device, requires_grad=True)
@@ -87,7 +65,7 @@ def main() -> None:
                   "FAConv2d": FAConv2d(c_in, c_out, 5, padding=2)}
         fns = {k: step_fn(v.to(device), x) for k, v in layers.items()}
         report(f"conv 5x5, batch {batch}, {c_in} -> {c_out} channels, {size}x{size}",
-               median_times(fns, device, opts.repeats, max(1, opts.inner // 4)))
+               interleaved_medians(fns, device, opts.repeats, max(1, opts.inner // 4), warmup=3))
 
 
 if __name__ == "__main__":

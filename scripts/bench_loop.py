@@ -9,20 +9,14 @@ Prints the median epoch time of each and their ratio (the foundation's target: a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from omegaconf import OmegaConf
+from timing import device_label, interleaved_medians
 
 from bioexp.data import load_dataset
 from bioexp.engine import Phase, make_optimizer, supervised_epoch
 from bioexp.registry import build_model
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_epoch(model, optimizer, x, y, batch_size: int) -> None:
@@ -56,26 +50,15 @@ def main() -> None:
 
     order = torch.randperm(len(data.train), generator=generator).to(device)
     x, y = data.train.x[order], data.train.y[order]
-    timings: dict[str, list[float]] = {"bare loop": [], "engine epoch": []}
     runs = {
         "bare loop": lambda: bare_epoch(model, optimizer, x, y, opts.batch_size),
         "engine epoch": lambda: supervised_epoch(model, model, optimizer, data.train, phase, 0,
                                                  generator, progress=False),
     }
-    for name in runs:  # warm-up
-        runs[name]()
-    for _ in range(opts.repeats):
-        for name, fn in runs.items():  # interleaved, so drift hits both alike
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            timings[name].append(time.perf_counter() - t0)
-    bare = statistics.median(timings["bare loop"])
-    engine = statistics.median(timings["engine epoch"])
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU, {torch.get_num_threads()} threads")
-    print(f"bp_mlp on {opts.data} ({len(y)} images, batch {opts.batch_size}), {name}, "
+    medians = interleaved_medians(runs, device, opts.repeats)
+    bare, engine = medians["bare loop"], medians["engine epoch"]
+    print(f"bp_mlp on {opts.data} ({len(y)} images, batch {opts.batch_size}), "
+          f"{device_label(device)}, "
           f"median of {opts.repeats}:")
     print(f"  bare loop     {bare:8.3f} s/epoch")
     print(f"  engine epoch  {engine:8.3f} s/epoch")
