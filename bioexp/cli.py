@@ -17,7 +17,7 @@ from bioexp.errors import BioexpError
 
 COMMANDS = {
     "train": "train a model: bioexp train [hydra overrides], e.g. model=cnn data=mnist seed=1",
-    "list": "list the registered models, datasets, schedules and experiment recipes",
+    "list": "list the registered models, datasets, schedules and recipes",
     "data": "find (or download) a dataset and say where it is: bioexp data fashion_mnist",
 }
 
@@ -62,7 +62,9 @@ def list_command(args: Sequence[str]) -> None:
 
     lines = _table("models (model=NAME)", [(m.name, m.description) for m in list_models()])
     groups = (("data", "datasets (data=NAME)"), ("schedule", "schedules (schedule=NAME)"),
-              ("experiment", "experiment recipes (experiment=NAME)"))
+              ("experiment", "experiment recipes (experiment=NAME)"),
+              ("sweep", "sweep recipes (sweep=NAME, a multirun)"),
+              ("hebbian_split", "semihebb layer splits (+hebbian_split=NAME)"))
     for group, title in groups:
         lines += ["", *_table(title, [o for o in group_options(group) if not o[0].startswith("_")])]
     print("\n".join(lines))

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bioexp.errors import ConfigError
 
-GROUPS = ("model", "data", "schedule", "experiment")
+GROUPS = ("model", "data", "schedule", "experiment", "sweep", "hebbian_split")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
 INPUT_SCALES = ("unit", "symmetric")

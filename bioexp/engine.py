@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 
@@ -37,13 +37,40 @@ class Diverged(RuntimeError):
     """The loss or a local layer's weights stopped being finite.
 
     `epoch` counts from 1; `step` is the global optimiser step (as in metrics.jsonl), or None
-    when only the end of the epoch is known.
+    when only the end of the epoch is known. `layers` names the local-rule layers whose weights
+    are no longer finite, when that is the cause.
     """
 
-    def __init__(self, phase: str, epoch: int, step: int | None):
+    def __init__(self, phase: str, epoch: int, step: int | None, layers: Sequence[str] = ()):
         where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
-        super().__init__(f"{phase} training diverged at {where}: values became NaN or infinite")
-        self.phase, self.epoch, self.step = phase, epoch, step
+        message = f"{phase} training diverged at {where}: values became NaN or infinite"
+        if layers:
+            message += (f"; the local-rule layer {', '.join(layers)} now holds or outputs "
+                        "NaN or infinite values (lower schedule.unsupervised.lr)")
+        super().__init__(message)
+        self.phase, self.epoch, self.step, self.layers = phase, epoch, step, list(layers)
+
+
+def broken_local_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names (as in `named_modules`) of local layers whose weights, or whose output for the
+    batch `x`, hold a NaN or infinite value."""
+    names = {module: name for name, module in model.named_modules()
+             if isinstance(module, LocalLayer)}
+    broken: list[str] = []
+
+    def check(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        tensors = [output, *layer.state_dict().values()]
+        if not all(torch.isfinite(t).all() for t in tensors):
+            broken.append(names[layer])
+
+    handles = [layer.register_forward_hook(check) for layer in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return broken
 
 
 @dataclass(frozen=True)
@@ -97,13 +124,16 @@ def local_layers(model: nn.Module) -> list[LocalLayer]:
 
 @contextmanager
 def local_learning(model: nn.Module, lr: Callable[[], float]) -> Iterator[None]:
-    """While active, every local layer applies its rule to the input of each forward call."""
+    """While active, every local layer applies its rule after each forward call.
 
-    def update(layer: nn.Module, args: tuple) -> None:
+    The rule sees the layer's input and the output it just computed, so no layer runs twice.
+    """
+
+    def update(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
         with torch.no_grad():
-            layer.local_update(args[0].detach(), lr())
+            layer.local_update(args[0].detach(), output.detach(), lr())
 
-    handles = [layer.register_forward_pre_hook(update) for layer in local_layers(model)]
+    handles = [layer.register_forward_hook(update) for layer in local_layers(model)]
     try:
         yield
     finally:
@@ -224,8 +254,22 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         checkpoint: Callable[[dict], None] | None = None) -> FitResult:
     """Run `schedule` on `model`, logging one metrics row per epoch and checkpointing each epoch.
 
-    Raises Diverged when a loss or weight stops being finite; rows written so far stay on disk.
+    Raises Diverged when a loss or weight stops being finite, naming the local-rule layers that
+    broke, if any; rows written so far stay on disk.
     """
+    try:
+        return _fit(model, data, schedule, recorder, seed=seed, eval_batch_size=eval_batch_size,
+                    progress=progress, checkpoint=checkpoint)
+    except Diverged as exc:
+        if not local_layers(model):
+            raise
+        broken = broken_local_layers(model, data.train.x[:ALIGNMENT_BATCH])
+        raise Diverged(exc.phase, exc.epoch, exc.step, broken) from None
+
+
+def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecorder, *,
+         seed: int, eval_batch_size: int, progress: bool,
+         checkpoint: Callable[[dict], None] | None) -> FitResult:
     generator = torch.Generator().manual_seed(seed)
     result = FitResult(phases=[])
     start = time.perf_counter()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,6 +56,45 @@ def plot_alignment(rows: list[dict], path: Path, title: str = "") -> Path | None
            title=title or "alignment with backprop")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_receptive_fields(weights: torch.Tensor, input_shape: Sequence[int], path: Path,
+                          title: str = "", max_units: int = 100) -> Path | None:
+    """Each unit's input weights as an image, in a grid, with a diverging colour map.
+
+    `weights` is (units, inputs) with inputs = prod(input_shape) = C x H x W; None otherwise.
+    Every unit is scaled by its own largest |weight|, so white is zero and full red or blue is
+    the unit's strongest positive or negative weight. Colour images show their C channels side
+    by side.
+    """
+    channels, height, width = input_shape
+    if weights.dim() != 2 or weights.shape[1] != channels * height * width:
+        return None
+    w = weights[:max_units].detach().float().cpu()
+    w = w / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    n = len(w)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    tile_w = channels * width + channels - 1  # channels side by side, one-pixel gaps
+    mosaic = np.full((rows * (height + 1) - 1, cols * (tile_w + 1) - 1), np.nan)
+    for i, unit in enumerate(w.reshape(n, channels, height, width).numpy()):
+        top, left = (i // cols) * (height + 1), (i % cols) * (tile_w + 1)
+        for c in range(channels):
+            x0 = left + c * (width + 1)
+            mosaic[top:top + height, x0:x0 + width] = unit[c]
+    fig, ax = plt.subplots(figsize=(min(2 + cols * 0.9 * channels, 20), 1 + rows * 0.9))
+    cmap = plt.get_cmap("bwr").with_extremes(bad="lightgrey")  # grey between tiles
+    image = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    fig.colorbar(image, ax=ax, fraction=0.03, label="weight / max |weight| of the unit")
+    heading = f"receptive fields of {n} of {len(weights)} units"
+    heading += " (channels side by side)" if channels > 1 else ""
+    ax.set_title(f"{title}\n{heading}" if title else heading)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

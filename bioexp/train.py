@@ -22,16 +22,18 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import bioexp
+from bioexp.compare import find_runs, runs_table
 from bioexp.config import config_dir, validate
 from bioexp.data import load_dataset
-from bioexp.engine import Diverged, Schedule, fit
+from bioexp.engine import Diverged, Schedule, fit, local_layers
 from bioexp.errors import BioexpError, DeviceError
-from bioexp.plots import plot_alignment, plot_curves
-from bioexp.records import RunRecorder
+from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields
+from bioexp.records import RunRecorder, atomic_write
 from bioexp.registry import build_model, check_hyperparameters
 
 log = logging.getLogger("bioexp")
@@ -134,7 +136,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         device = resolve_device(cfg.device)
         seed_everything(cfg.seed)
         data = load_dataset(cfg.data, cfg.model.input_scale, device)
-        model = build_model(cfg.model.name, data.input_shape, data.num_classes, **hparams)
+        input_shape = data.input_shape
+        model = build_model(cfg.model.name, input_shape, data.num_classes, **hparams)
         model = model.to(device)
         schedule = Schedule.from_cfg(cfg.schedule)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -163,7 +166,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     except Diverged as exc:
         recorder.update_summary(status="diverged", error=str(exc),
                                 diverged_at={"phase": exc.phase, "epoch": exc.epoch,
-                                             "step": exc.step})
+                                             "step": exc.step, "local_layers": exc.layers})
         log.error("%s", exc)
     except KeyboardInterrupt:
         recorder.update_summary(status="interrupted", error="interrupted by signal")
@@ -179,15 +182,41 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             signal.signal(signal.SIGTERM, previous)
         recorder.update_summary(finished=_now(),
                                 wall_time_s=round(time.perf_counter() - start, 3))
+        title = f"{cfg.model.get('name')} on {cfg.data.get('name')}"
         if recorder.rows:
-            title = f"{cfg.model.get('name')} on {cfg.data.get('name')}"
             plot_curves(recorder.rows, run_dir / "plots" / "curves.png", title=title)
             plot_alignment(recorder.rows, run_dir / "plots" / "alignment.png", title=title)
+        if model is not None:
+            plot_first_receptive_fields(model, input_shape, run_dir / "plots", title)
     return recorder.summary
+
+
+def plot_first_receptive_fields(model: torch.nn.Module, input_shape: tuple[int, ...],
+                                folder: Path, title: str) -> Path | None:
+    """plots/receptive_fields.png for the model's first local-rule layer, when it sees the image
+    itself and its weights are finite."""
+    layers = local_layers(model)
+    weights = layers[0].receptive_fields() if layers else None
+    if weights is None or not torch.isfinite(weights).all():
+        return None
+    return plot_receptive_fields(weights, input_shape, folder / "receptive_fields.png", title)
 
 
 def _show_progress(cfg: DictConfig) -> bool:
     return bool(cfg.progress) and sys.stderr.isatty()
+
+
+class SweepTable(Callback):
+    """After a multirun, log a table of its jobs and write it to `<sweep dir>/runs.md`."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []
+        if not runs:
+            return
+        table = runs_table(runs)
+        atomic_write(sweep_dir / "runs.md", lambda f: f.write(table + "\n"))
+        log.info("%d runs in %s:\n%s", len(runs), sweep_dir, table)
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")

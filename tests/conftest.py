@@ -37,9 +37,11 @@ needs_fashion = pytest.mark.skipif(not FASHION_AVAILABLE,
 def make_cfg() -> Callable[..., DictConfig]:
     """Compose the `train` config with overrides, as `bioexp train` would."""
 
-    def _compose(*overrides: str) -> DictConfig:
+    def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
+        """`hydra=True` keeps the `hydra` node (sweeper params, mode, callbacks)."""
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+            return compose(config_name="train", overrides=list(overrides),
+                           return_hydra_config=hydra)
 
     return _compose
 
@@ -63,6 +65,10 @@ def bioexp(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
                               capture_output=True, text=True, timeout=timeout)
 
     return _run
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
 
 
 def tiny(*extra: str) -> Sequence[str]:

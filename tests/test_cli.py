@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, needs_fashion, tiny
+from conftest import TINY, needs_fashion, output_of, tiny
 from omegaconf import OmegaConf
 
 from bioexp import __version__
@@ -38,10 +38,6 @@ assert "schedule.supervised.batch_size=64" in TINY
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def output_of(result) -> str:
-    return result.stdout + result.stderr
 
 
 def read_metrics(path: Path) -> list[dict]:

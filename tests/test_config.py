@@ -37,9 +37,16 @@ def test_every_group_has_options():
     assert "baselines" in options("experiment")
 
 
+# Groups outside train.yaml's defaults list are added with "+", over the model they serve.
+ADDED_GROUPS = {"hebbian_split": ("model=semihebb",)}
+
+
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS)
 def test_every_option_composes(make_cfg, group, option):
-    cfg = make_cfg(f"{group}={option}")
+    if group in ADDED_GROUPS:
+        cfg = make_cfg(*ADDED_GROUPS[group], f"+{group}={option}")
+    else:
+        cfg = make_cfg(f"{group}={option}")
     assert isinstance(cfg, DictConfig)
     if group in ("model", "data", "schedule"):
         assert cfg[group].name == option

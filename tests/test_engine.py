@@ -35,10 +35,9 @@ class OjaUnits(LocalLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.weight.T
 
-    def local_update(self, x: torch.Tensor, lr: float) -> None:
+    def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         self.seen.append(x)
-        x = x.flatten(1)
-        y = x @ self.weight.T  # (B, H)
+        x = x.flatten(1)  # y = x W^T, (B, H), as the forward pass computed it
         self.weight += lr * (y.T @ x - (y.T @ y) @ self.weight) / len(x)
 
     def local_stats(self) -> dict[str, float]:

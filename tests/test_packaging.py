@@ -30,7 +30,8 @@ def test_wheel_ships_every_config(wheel: Path) -> None:
                 for p in (REPO / "conf").rglob("*.yaml")}
     assert "bioexp/conf/train.yaml" in expected
     assert expected <= names, sorted(expected - names)
-    assert "bioexp/cli.py" in names and "bioexp/models/baselines.py" in names
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "bioexp").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)  # every subpackage is listed in pyproject
 
 
 def test_installed_wheel_finds_its_configs_away_from_the_sources(wheel: Path,
@@ -50,3 +51,7 @@ def test_installed_wheel_finds_its_configs_away_from_the_sources(wheel: Path,
                          text=True, timeout=120)
     assert job.returncode == 0, job.stderr
     assert "name: cnn" in job.stdout and "name: synthetic" in job.stdout
+    listing = subprocess.run([sys.executable, "-m", "bioexp", "list"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr  # imports every registered model's modules
+    assert "semihebb" in listing.stdout and "fa_mlp" in listing.stdout

@@ -1,5 +1,6 @@
-"""Modules that hold weights: local-rule layers and, in later families, feedback matrices."""
+"""Modules that hold weights: feedback-alignment layers, local-rule layers."""
 
+from bioexp.layers.hebbian import HebbianLinear
 from bioexp.layers.local import LocalLayer
 
-__all__ = ["LocalLayer"]
+__all__ = ["HebbianLinear", "LocalLayer"]

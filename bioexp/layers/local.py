@@ -1,9 +1,10 @@
 """The base class of layers trained by a local rule instead of by the optimiser.
 
 The engine finds these layers with `isinstance(module, LocalLayer)`: during the unsupervised phase
-(and, in the one-phase schedule, during every supervised batch) it calls `local_update` with the
-input the layer sees, under `torch.no_grad()`. The layer's weights are buffers or parameters with
-`requires_grad=False`, so the optimiser never touches them.
+(and, in the one-phase schedule, during every supervised batch) it calls `local_update` after each
+forward pass with the input the layer saw and the output it gave, under `torch.no_grad()`. The
+layer's weights are buffers or parameters with `requires_grad=False`, so the optimiser never
+touches them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from torch import nn
 class LocalLayer(nn.Module):
     """A layer whose weights change only through `local_update`."""
 
-    def local_update(self, x: torch.Tensor, lr: float) -> None:
-        """Apply one step of the layer's rule for the input batch `x` with learning rate `lr`."""
+    def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        """One step of the layer's rule for input batch `x`, output `y`, learning rate `lr`."""
         raise NotImplementedError
 
     def local_stats(self) -> dict[str, float]:
         """Scalars worth logging after an unsupervised epoch (e.g. weight norms)."""
         return {}
+
+    def receptive_fields(self) -> torch.Tensor | None:
+        """(units, inputs): each unit's input weights, for plotting; None when not meaningful."""
+        return None

@@ -1,0 +1,124 @@
+"""Hebbian rules for a layer y = f(x W): plain Hebb, Oja's subspace rule, and Gupta's HebbNet rule.
+
+Shapes: x (B, D) the layer's input, W (D, H) its weights, y (B, H) its output. A rule returns the
+direction dW (the caller scales it by the learning rate) and never mutates its arguments. Rules
+that keep statistics across steps take them as `state` (a dict of tensors the layer stores as
+buffers, so they are checkpointed) and return the next state.
+
+- Hebb 1949: dW = x^T y. Without a bound on W it grows without limit.
+- Oja 1989 ("Neural networks, principal components, and subspaces", Int. J. Neural Systems 1):
+  dW = x^T y - W y^T y, which keeps the columns of W near an orthonormal basis.
+- Gupta, Ambikapathi & Ramasamy 2021 ("HebbNet: a simplified Hebbian learning framework to do
+  biologically plausible learning", ICASSP): the Hebbian product minus the running mean of the
+  earlier products of the same synapse, then only the entries at or above the p-th percentile of
+  that update are kept ("gradient sparsity"), over the whole matrix or per hidden unit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+State = dict[str, torch.Tensor]
+RuleName = Literal["hebb", "oja", "gupta", "gupta_local"]
+
+
+class HebbianRule:
+    """`(x, y, w, state) -> (dw, state)`; stateless rules ignore and return an empty state."""
+
+    def initial_state(self, w: torch.Tensor) -> State:
+        return {}
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                 state: State) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+
+class Hebb(HebbianRule):
+    """dW = x^T y, summed over the batch."""
+
+    def __call__(self, x, y, w, state):
+        return x.T @ y, state
+
+
+class Oja(HebbianRule):
+    """Oja's subspace rule: dW = x^T y - W (y^T y)."""
+
+    def __call__(self, x, y, w, state):
+        return x.T @ y - w @ (y.T @ y), state
+
+
+def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of `values`, overall or along `dim` (kept as size 1).
+
+    On the CPU, NumPy's introselect (`np.partition`) is about eight times faster than
+    `torch.kthvalue`, which also tracks indices; on a GPU, `torch.kthvalue` selects by radix.
+    `scripts/bench_hebbian.py` measures both, and `torch.quantile` and sampling.
+    """
+    if values.device.type == "cpu":
+        array = values.detach().numpy()
+        if dim is None:
+            return torch.tensor(np.partition(array.ravel(), k - 1)[k - 1])
+        picked = np.take(np.partition(array, k - 1, axis=dim), [k - 1], axis=dim)
+        return torch.from_numpy(picked)
+    if dim is None:
+        return values.flatten().kthvalue(k).values
+    return values.kthvalue(k, dim=dim, keepdim=True).values
+
+
+def keep_top(update: torch.Tensor, percentile: float, dim: int | None = None) -> torch.Tensor:
+    """Zero the entries of `update` below its `percentile`-th percentile, globally or along `dim`.
+
+    With n entries, the ones ranked floor(n * p / 100) or higher (0-based, ascending) are kept,
+    so a fraction of about 1 - p/100 survives (more when values tie at the threshold). The
+    threshold is an exact order statistic, found in linear time by `kth_smallest`.
+    """
+    if percentile <= 0:
+        return update
+    n = update.numel() if dim is None else update.shape[dim]
+    k = math.floor(n * percentile / 100) + 1  # 1-based rank of the smallest kept entry
+    if k > n:
+        return torch.zeros_like(update)
+    threshold = kth_smallest(update, k, dim)
+    return torch.where(update < threshold, 0.0, update)
+
+
+class Gupta(HebbianRule):
+    """HebbNet: dW = sparsify(x^T y - mean of the earlier x^T y), keeping the top (100 - p)%.
+
+    `per_unit=False` takes the percentile over the whole matrix (`gupta`); `per_unit=True` over
+    each hidden unit's incoming weights, a column of W (`gupta_local`). On the first step there
+    are no earlier products and the threshold is zero.
+    """
+
+    def __init__(self, sparsity: float, per_unit: bool = False):
+        if not 0 <= sparsity < 100:
+            raise ValueError(f"sparsity must be a percentile in [0, 100), got {sparsity!r}")
+        self.sparsity = sparsity
+        self.per_unit = per_unit
+
+    def initial_state(self, w):
+        return {"mean": torch.zeros_like(w), "steps": torch.zeros((), device=w.device)}
+
+    def __call__(self, x, y, w, state):
+        product = x.T @ y  # (D, H)
+        mean, steps = state["mean"], state["steps"]
+        update = keep_top(product - mean, self.sparsity, dim=0 if self.per_unit else None)
+        steps = steps + 1
+        return update, {"mean": torch.lerp(mean, product, 1 / steps), "steps": steps}
+
+
+def make_rule(name: str, sparsity: float = 60.0) -> HebbianRule:
+    """The rule called `name` (hebb, oja, gupta, gupta_local); `sparsity` is Gupta's p."""
+    rules = {
+        "hebb": Hebb,
+        "oja": Oja,
+        "gupta": lambda: Gupta(sparsity),
+        "gupta_local": lambda: Gupta(sparsity, per_unit=True),
+    }
+    if name not in rules:
+        raise ValueError(f"unknown Hebbian rule {name!r}; choose one of {', '.join(rules)}")
+    return rules[name]()

@@ -1,0 +1,195 @@
+"""The Hebbian family: rules against hand-computed updates, the layer, semihebb, both schedules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from torch import nn
+
+from bioexp.engine import local_learning
+from bioexp.errors import ConfigError
+from bioexp.layers import HebbianLinear
+from bioexp.layers.feedback import FALinear
+from bioexp.records import read_json, read_metrics
+from bioexp.registry import build_model
+from bioexp.rules.hebbian import Gupta, Hebb, Oja, keep_top, make_rule
+from bioexp.train import run
+
+# x (B=2, D=3), y (B=2, H=2), W (D=3, H=2): the shapes of every rule.
+X = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]])
+Y = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+XTY = torch.tensor([[1.0, 2.0], [3.0, 0.0], [5.0, 4.0]])  # x^T y by hand
+
+
+def test_hebb_is_x_transpose_y() -> None:
+    dw, state = Hebb()(X, Y, W, {})
+    assert torch.equal(dw, XTY) and state == {}
+
+
+def test_oja_subtracts_w_times_y_transpose_y() -> None:
+    # y^T y = [[10, 2], [2, 4]];  W y^T y = [[10, 2], [2, 4], [12, 6]]
+    dw, _ = Oja()(X, Y, W, {})
+    assert torch.equal(dw, torch.tensor([[-9.0, 0.0], [1.0, -4.0], [-7.0, -2.0]]))
+
+
+def test_gupta_keeps_the_top_of_the_whole_matrix() -> None:
+    # first step: nothing earlier to subtract; 6 entries, p = 50 -> ranks 3..5 kept: 3, 4, 5
+    rule = Gupta(50)
+    dw, _ = rule(X, Y, W, rule.initial_state(W))
+    assert torch.equal(dw, torch.tensor([[0.0, 0.0], [3.0, 0.0], [5.0, 4.0]]))
+
+
+def test_gupta_local_keeps_the_top_of_each_unit() -> None:
+    # columns [1, 3, 5] and [2, 0, 4]; 3 entries each, p = 50 -> ranks 1..2 of each kept
+    rule = Gupta(50, per_unit=True)
+    dw, _ = rule(X, Y, W, rule.initial_state(W))
+    assert torch.equal(dw, torch.tensor([[0.0, 2.0], [3.0, 0.0], [5.0, 4.0]]))
+
+
+def test_gupta_threshold_is_the_running_mean_of_earlier_products() -> None:
+    rule = Gupta(0)  # keep everything: only the threshold acts
+    state = rule.initial_state(W)
+    scales = [1.0, 2.0, 4.0]  # x scaled by s gives the product s * XTY
+    updates = []
+    for s in scales:
+        dw, state = rule(s * X, Y, W, state)
+        updates.append(dw)
+    assert torch.equal(updates[0], XTY)
+    assert torch.equal(updates[1], (2 - 1) * XTY)
+    assert torch.equal(updates[2], (4 - (1 + 2) / 2) * XTY)  # 4 - mean(1, 2)
+    assert torch.allclose(state["mean"], (1 + 2 + 4) / 3 * XTY) and state["steps"].item() == 3
+
+
+def test_rules_do_not_mutate_their_arguments() -> None:
+    for rule in (Hebb(), Oja(), Gupta(60), Gupta(60, per_unit=True)):
+        state = rule.initial_state(W)
+        copies = [t.clone() for t in (X, Y, W, *state.values())]
+        rule(X, Y, W, state)
+        assert all(torch.equal(a, b) for a, b in zip((X, Y, W, *state.values()), copies,
+                                                     strict=True))
+
+
+@pytest.mark.parametrize("p", [10, 60, 90])
+def test_sparsity_keeps_the_expected_fraction(p: int) -> None:
+    update = torch.randn(100, 50, generator=torch.Generator().manual_seed(p))
+    kept = keep_top(update, p) != 0
+    assert kept.sum().item() == 5000 - math.floor(5000 * p / 100)
+    assert update[kept].min() >= update[~kept].max()  # the largest entries are the kept ones
+    kept_per_unit = keep_top(update, p, dim=0) != 0
+    assert kept_per_unit.sum(dim=0).tolist() == [100 - math.floor(100 * p / 100)] * 50
+
+
+def test_keep_top_at_zero_keeps_all_and_rejects_bad_percentiles() -> None:
+    update = torch.randn(5, 4)
+    assert torch.equal(keep_top(update, 0), update)
+    with pytest.raises(ValueError, match="sparsity"):
+        Gupta(100)
+    with pytest.raises(ValueError, match="gupta_local"):
+        make_rule("hebbian")
+
+
+def test_layer_applies_lr_times_the_rule() -> None:
+    layer = HebbianLinear(3, 2, Hebb(), normalize=False)
+    layer.weight.copy_(W)
+    y = layer(X)
+    assert torch.equal(y, X @ W)
+    layer.local_update(X, y, lr=0.5)
+    assert torch.allclose(layer.weight, W + 0.5 * X.T @ (X @ W))
+
+
+def test_normalisation_keeps_every_unit_at_unit_norm() -> None:
+    torch.manual_seed(0)
+    layer = HebbianLinear(20, 7, Hebb(), nn.ReLU(), normalize=True)
+    assert torch.allclose(layer.weight.norm(dim=0), torch.ones(7))
+    x = torch.rand(16, 20)
+    for _ in range(5):
+        layer.local_update(x, layer(x), lr=10.0)
+    assert torch.allclose(layer.weight.norm(dim=0), torch.ones(7), atol=1e-6)
+
+
+def test_rule_state_is_a_buffer_that_follows_the_weights() -> None:
+    layer = HebbianLinear(3, 2, Gupta(50))
+    keys = set(layer.state_dict())
+    assert keys == {"weight", "rule_mean", "rule_steps"}
+    assert not list(layer.parameters())
+    layer.local_update(X, layer(X), lr=0.1)
+    clone = HebbianLinear(3, 2, Gupta(50))
+    clone.load_state_dict(layer.state_dict())
+    assert clone.rule_steps.item() == 1 and torch.equal(clone.rule_mean, layer.rule_mean)
+
+
+def small(**hparams) -> nn.Module:
+    return build_model("semihebb", (1, 6, 6), 3, **{"hebbian": [12], **hparams})
+
+
+def test_semihebb_builds_hebbian_body_and_chosen_head() -> None:
+    model = small(hebbian=[12, 8], head=[5], rule="oja")
+    hebbian = [m for m in model.body if isinstance(m, HebbianLinear)]
+    assert [tuple(m.weight.shape) for m in hebbian] == [(36, 12), (12, 8)]
+    assert all(isinstance(m.rule, Oja) for m in hebbian)
+    assert [m.out_features for m in model.head if isinstance(m, nn.Linear)] == [5, 3]
+    fa = small(head_type="fa")
+    assert isinstance(fa.head[0], FALinear)
+    assert small(head=[]).head[0].in_features == 12  # a linear read-out
+
+
+@pytest.mark.parametrize(("hparams", "key"), [
+    ({"sparsity": 100.0}, "model.sparsity"),
+    ({"sparsity": -1}, "model.sparsity"),
+    ({"hebbian": []}, "model.hebbian"),
+    ({"head": [0]}, "model.head"),
+])
+def test_semihebb_rejects_bad_values(hparams: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        small(**hparams)
+
+
+def test_optimizer_steps_leave_hebbian_weights_alone() -> None:
+    torch.manual_seed(0)
+    model = small(head=[5])
+    before = model.body[1].weight.clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=0.1)
+    x, y = torch.rand(8, 1, 6, 6), torch.randint(3, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.loss(model(x), y).backward()
+        optimizer.step()
+    assert torch.equal(model.body[1].weight, before)
+    with local_learning(model, lambda: 0.1), torch.no_grad():
+        model(x)
+    assert not torch.equal(model.body[1].weight, before)  # only the local rule moves them
+
+
+@pytest.mark.parametrize("schedule", ["one_phase", "two_phase"])
+@pytest.mark.parametrize("rule", ["hebb", "oja", "gupta", "gupta_local"])
+def test_semihebb_end_to_end(tmp_path: Path, make_cfg, schedule: str, rule: str) -> None:
+    summary = run(make_cfg(*TINY, "model=semihebb", f"schedule={schedule}", f"model.rule={rule}",
+                           "model.hebbian=[32]", "schedule.unsupervised.lr=0.001"), tmp_path)
+    assert summary["status"] == "completed", summary
+    assert math.isfinite(summary["test_acc"])
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["phase"] for r in rows].count("unsupervised") == (schedule == "two_phase")
+    assert rows[-1]["train_loss"] < rows[-2]["train_loss"] or schedule == "one_phase"
+    assert (tmp_path / "plots" / "receptive_fields.png").stat().st_size > 0
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert torch.isfinite(state["body.1.weight"]).all()
+
+
+@pytest.mark.parametrize("schedule", ["one_phase", "two_phase"])
+def test_plain_hebb_with_a_large_rate_diverges_with_a_clear_message(tmp_path: Path, make_cfg,
+                                                                    schedule: str) -> None:
+    summary = run(make_cfg(*TINY, "model=semihebb", f"schedule={schedule}", "model.rule=hebb",
+                           "model.normalize=false", "model.hebbian=[32]",
+                           "schedule.unsupervised.epochs=10", "schedule.unsupervised.lr=1e6"),
+                  tmp_path)
+    assert summary["status"] == "diverged", summary
+    assert summary["diverged_at"]["local_layers"] == ["body.1"], summary
+    assert "layer body.1" in summary["error"], summary["error"]
+    assert "schedule.unsupervised.lr" in summary["error"], summary["error"]
+    assert summary.get("test_acc") is None
+    assert read_json(tmp_path / "summary.json")["status"] == "diverged"

@@ -1,0 +1,78 @@
+"""Experiment and sweep recipes, and the table that summarises a multirun's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, output_of
+
+from bioexp.compare import find_runs, runs_table, varying_overrides
+from bioexp.records import write_json
+
+SPLITS = {  # 784-1000-2000-4000-2000-10 as Hebbian + fully connected layers
+    "h1_fc4": ([1000], [2000, 4000, 2000]),
+    "h2_fc3": ([1000, 2000], [4000, 2000]),
+    "h3_fc2": ([1000, 2000, 4000], [2000]),
+    "h4_fc1": ([1000, 2000, 4000, 2000], []),
+}
+
+
+def test_semihebb_depth_is_a_multirun_over_the_four_splits(make_cfg) -> None:
+    cfg = make_cfg("experiment=semihebb_depth", hydra=True)
+    assert cfg.model.name == "semihebb" and cfg.schedule.name == "one_phase"
+    assert cfg.schedule.supervised.epochs == 1
+    assert str(cfg.hydra.mode).endswith("MULTIRUN")
+    options = cfg.hydra.sweeper.params["+hebbian_split"].split(",")
+    assert options == list(SPLITS)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_each_split_sets_both_size_lists(make_cfg, split: str) -> None:
+    cfg = make_cfg("model=semihebb", f"+hebbian_split={split}")
+    hebbian, head = SPLITS[split]
+    assert list(cfg.model.hebbian) == hebbian and list(cfg.model.head) == head
+    assert len(hebbian) + len(head) + 1 == 5  # four hidden layers and the output layer
+
+
+def test_sweep_recipes_are_multiruns(make_cfg) -> None:
+    cfg = make_cfg("sweep=semihebb_p", hydra=True)
+    assert cfg.model.name == "semihebb" and str(cfg.hydra.mode).endswith("MULTIRUN")
+    assert cfg.hydra.sweeper.params["model.sparsity"] == "range(10,100,10)"
+    seeds = make_cfg("model=fa_mlp", "sweep=seeds", hydra=True)
+    assert seeds.model.name == "fa_mlp" and seeds.hydra.sweeper.params.seed == "range(5)"
+
+
+def fake_run(folder: Path, overrides: list[str], **summary) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    write_json(folder / "summary.json", summary)
+
+
+def test_runs_table_shows_what_varies_and_keeps_every_status(tmp_path: Path) -> None:
+    fake_run(tmp_path / "0_a", ["model=semihebb", "model.sparsity=10"], status="completed",
+             test_acc=0.81234, best_test_acc=0.82, wall_time_s=65.43)
+    fake_run(tmp_path / "10_a", ["model=semihebb", "model.sparsity=90"], status="diverged")
+    fake_run(tmp_path / "2_a", ["model=semihebb", "model.sparsity=50"], status="running")
+    (tmp_path / "not_a_run").mkdir()
+    runs = find_runs(tmp_path)
+    assert [r.path.name for r in runs] == ["0_a", "2_a", "10_a"]  # natural order
+    assert varying_overrides(runs) == [{"model.sparsity": v} for v in ("10", "50", "90")]
+    lines = runs_table(runs).splitlines()
+    assert "model.sparsity" in lines[0] and "model=" not in lines[0]  # shared keys are dropped
+    assert len(lines) == 2 + 3
+    assert "| 0.8123 " in lines[2] and "| 65.4 " in lines[2]
+    assert "diverged" in lines[4] and "running" in lines[3]
+
+
+def test_a_sweep_recipe_runs_and_writes_its_table(bioexp, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    # the command line narrows the recipe's nine values of p to two
+    result = bioexp("train", "sweep=semihebb_p", "model.sparsity=20,80", "model.hebbian=[16]",
+                    *TINY, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, output_of(result)
+    table = (sweep / "runs.md").read_text()
+    assert table.count("completed") == 2 and "model.sparsity" in table
+    assert "| 20 " in table and "| 80 " in table
+    assert "runs in" in output_of(result)  # the table is in the log too
