@@ -14,6 +14,7 @@ from bioexp.engine import local_learning
 from bioexp.errors import ConfigError
 from bioexp.layers import HebbianLinear
 from bioexp.layers.feedback import FALinear
+from bioexp.plots import plot_receptive_fields
 from bioexp.records import read_json, read_metrics
 from bioexp.registry import build_model
 from bioexp.rules.hebbian import Gupta, Hebb, Oja, keep_top, make_rule
@@ -193,3 +194,42 @@ def test_plain_hebb_with_a_large_rate_diverges_with_a_clear_message(tmp_path: Pa
     assert "schedule.unsupervised.lr" in summary["error"], summary["error"]
     assert summary.get("test_acc") is None
     assert read_json(tmp_path / "summary.json")["status"] == "diverged"
+
+
+def test_model_config_sets_its_own_hebbian_rate_and_the_command_line_wins(make_cfg) -> None:
+    assert make_cfg("model=semihebb").schedule.unsupervised.lr == pytest.approx(1e-6)
+    assert make_cfg("model=semihebb", "schedule.unsupervised.lr=0.5").schedule.unsupervised.lr \
+        == 0.5
+    assert make_cfg("experiment=semihebb_depth").schedule.unsupervised.lr == pytest.approx(1e-6)
+    assert make_cfg("model=bp_mlp").schedule.unsupervised.lr == 0.02  # others keep the default
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_receptive_fields_plot_grey_and_colour_inputs(tmp_path: Path, shape: tuple) -> None:
+    weights = torch.randn(12, math.prod(shape))
+    path = plot_receptive_fields(weights, shape, tmp_path / "rf.png")
+    assert path is not None and path.stat().st_size > 0
+    assert plot_receptive_fields(torch.randn(12, 10), shape, tmp_path / "no.png") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("per_unit", [False, True])
+def test_gupta_on_cuda_matches_the_cpu(per_unit: bool) -> None:
+    torch.manual_seed(0)
+    layer = HebbianLinear(50, 40, Gupta(60, per_unit=per_unit), nn.ReLU())
+    on_gpu = HebbianLinear(50, 40, Gupta(60, per_unit=per_unit), nn.ReLU()).cuda()
+    on_gpu.load_state_dict(layer.state_dict())
+    assert on_gpu.rule_mean.device.type == "cuda"
+    for _ in range(3):
+        x = torch.rand(16, 50)
+        layer.local_update(x, layer(x), 0.01)
+        on_gpu.local_update(x.cuda(), on_gpu(x.cuda()), 0.01)
+    assert torch.allclose(on_gpu.weight.cpu(), layer.weight, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_semihebb_trains_on_cuda(tmp_path: Path, make_cfg) -> None:
+    args = [a for a in TINY if not a.startswith("device=")]
+    summary = run(make_cfg(*args, "device=cuda", "model=semihebb", "schedule=one_phase",
+                           "model.hebbian=[32]"), tmp_path)
+    assert summary["status"] == "completed" and summary["device"].startswith("cuda")

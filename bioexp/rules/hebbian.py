@@ -45,10 +45,14 @@ class Hebb(HebbianRule):
 
 
 class Oja(HebbianRule):
-    """Oja's subspace rule: dW = x^T y - W (y^T y)."""
+    """Oja's subspace rule: dW = x^T y - W (y^T y), computed as (x - y W^T)^T y.
+
+    The factored form needs two (B x D x H) products instead of a (D x H x H) one: for a
+    784 x 2000 layer at batch 128, about a tenth of the multiply-adds.
+    """
 
     def __call__(self, x, y, w, state):
-        return x.T @ y - w @ (y.T @ y), state
+        return (x - y @ w.T).T @ y, state  # (D, B) @ (B, H)
 
 
 def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
