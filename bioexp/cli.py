@@ -64,7 +64,8 @@ def list_command(args: Sequence[str]) -> None:
     groups = (("data", "datasets (data=NAME)"), ("schedule", "schedules (schedule=NAME)"),
               ("experiment", "experiment recipes (experiment=NAME)"),
               ("sweep", "sweep recipes (sweep=NAME, a multirun)"),
-              ("hebbian_split", "semihebb layer splits (+hebbian_split=NAME)"))
+              ("hebbian_split", "semihebb layer splits (+hebbian_split=NAME)"),
+              ("hybrid", "the seed_hybrid comparison's models (+hybrid=NAME)"))
     for group, title in groups:
         lines += ["", *_table(title, [o for o in group_options(group) if not o[0].startswith("_")])]
     print("\n".join(lines))

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bioexp.errors import ConfigError
 
-GROUPS = ("model", "data", "schedule", "experiment", "sweep", "hebbian_split")
+GROUPS = ("model", "data", "schedule", "experiment", "sweep", "hebbian_split", "hybrid")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
 INPUT_SCALES = ("unit", "symmetric")
@@ -111,6 +111,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(device, str) or not _DEVICE.match(device):
         raise _fail("device", "auto, cpu, cuda or cuda:N", device)
     check_bool(cfg, "progress")
+    check_bool(cfg, "cache")
     check_int(cfg, "eval_batch_size", minimum=1)
 
     check_int(cfg, "data.train_limit", minimum=1, nullable=True)

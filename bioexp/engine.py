@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from bioexp.cache import Phase1Cache
 from bioexp.data import Dataset, Split
 from bioexp.feedback.alignment import alignment_angles
 from bioexp.layers import LocalLayer
@@ -247,19 +248,23 @@ class FitResult:
     best_test_acc: float | None = None
     best_epoch: int | None = None
     phases: list[dict] | None = None
+    phase1_cache_hit: bool | None = None  # None when no phase-1 cache was given
 
 
 def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecorder, *,
         seed: int, eval_batch_size: int = 1000, progress: bool = False,
-        checkpoint: Callable[[dict], None] | None = None) -> FitResult:
+        checkpoint: Callable[[dict], None] | None = None,
+        phase1_cache: Phase1Cache | None = None) -> FitResult:
     """Run `schedule` on `model`, logging one metrics row per epoch and checkpointing each epoch.
 
+    Phase 1 draws its batch order from its own generator (seed + 1), phase 2 from another
+    (seed), so phase 2 is the same whether phase 1 ran or its result came from `phase1_cache`.
     Raises Diverged when a loss or weight stops being finite, naming the local-rule layers that
     broke, if any; rows written so far stay on disk.
     """
     try:
         return _fit(model, data, schedule, recorder, seed=seed, eval_batch_size=eval_batch_size,
-                    progress=progress, checkpoint=checkpoint)
+                    progress=progress, checkpoint=checkpoint, phase1_cache=phase1_cache)
     except Diverged as exc:
         if not local_layers(model):
             raise
@@ -269,7 +274,8 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
 
 def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecorder, *,
          seed: int, eval_batch_size: int, progress: bool,
-         checkpoint: Callable[[dict], None] | None) -> FitResult:
+         checkpoint: Callable[[dict], None] | None,
+         phase1_cache: Phase1Cache | None) -> FitResult:
     generator = torch.Generator().manual_seed(seed)
     result = FitResult(phases=[])
     start = time.perf_counter()
@@ -284,12 +290,19 @@ def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecor
 
     if schedule.name == "two_phase" and not locals_:
         log.info("phase 1 (unsupervised) skipped: the model has no local-rule layers")
+    elif schedule.name == "two_phase" and unsup.epochs > 0 and phase1_cache is not None \
+            and phase1_cache.load(model.body):
+        log.info("phase 1 (unsupervised): loaded from the cache (%s)", phase1_cache.path)
+        result.phase1_cache_hit = True
+        result.phases.append({"name": unsup.name, "epochs": unsup.epochs, "cached": True})
+        step += unsup.epochs * math.ceil(len(data.train) / unsup.batch_size)  # as if it ran
     elif schedule.name == "two_phase" and unsup.epochs > 0:
         log.info("phase 1 (unsupervised): %d epochs, %d local layers", unsup.epochs, len(locals_))
+        phase1_generator = torch.Generator().manual_seed(seed + 1)
         phase_start = time.perf_counter()
         for epoch in range(unsup.epochs):
             t0 = time.perf_counter()
-            unsupervised_epoch(model, data.train, unsup, epoch, generator, progress)
+            unsupervised_epoch(model, data.train, unsup, epoch, phase1_generator, progress)
             seconds = time.perf_counter() - t0
             step += math.ceil(len(data.train) / unsup.batch_size)
             stats = {f"{type(layer).__name__}{i}.{k}": v
@@ -302,6 +315,9 @@ def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecor
             if checkpoint:
                 checkpoint({"phase": "unsupervised", "epoch": epoch + 1})
         record_phase(unsup, time.perf_counter() - phase_start, len(data.train) * unsup.epochs)
+        if phase1_cache is not None:
+            phase1_cache.save(model.body)
+            result.phase1_cache_hit = False
 
     # Phase 2 (or the only phase): the optimiser trains every parameter that requires grad.
     train, test, val, forward = data.train, data.test, data.val, model

@@ -100,3 +100,19 @@ def plot_receptive_fields(weights: torch.Tensor, input_shape: Sequence[int], pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_win_counts(wins: torch.Tensor, path: Path, title: str = "") -> Path:
+    """Histogram of how many training samples each hidden unit won; dead units sit at zero."""
+    counts = wins.detach().float().cpu().numpy()
+    dead = int((counts == 0).sum())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(counts, bins=50, color="tab:blue")
+    ax.set(xlabel="samples won by the unit (all phase-1 epochs)", ylabel="hidden units",
+           title=(f"{title}\n" if title else "") + f"{dead} of {len(counts)} units never won")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

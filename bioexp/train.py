@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import bioexp
+from bioexp.cache import Phase1Cache, phase1_key
 from bioexp.compare import find_runs, runs_table
 from bioexp.config import config_dir, validate
 from bioexp.data import load_dataset
 from bioexp.engine import Diverged, Schedule, fit, local_layers
 from bioexp.errors import BioexpError, DeviceError
-from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields
+from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
 from bioexp.records import RunRecorder, atomic_write
 from bioexp.registry import build_model, check_hyperparameters
 
@@ -155,9 +157,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             recorder.save_checkpoint({**state, "model": model.state_dict(), "config": config,
                                       "torch_rng": torch.get_rng_state()})
 
+        cache = phase1_cache(cfg, model, schedule, device)
         result = fit(model, data, schedule, recorder, seed=cfg.seed,
                      eval_batch_size=cfg.eval_batch_size, progress=_show_progress(cfg),
-                     checkpoint=checkpoint)
+                     checkpoint=checkpoint, phase1_cache=cache)
+        if cache is not None:
+            recorder.update_summary(phase1_cache={
+                "status": "hit" if result.phase1_cache_hit else "miss", "key": cache.key,
+                "file": str(cache.path)})
+        elif has_phase1(model, schedule):
+            recorder.update_summary(phase1_cache={"status": "off"})
         recorder.update_summary(status="completed", test_acc=result.test_acc,
                                 best_test_acc=result.best_test_acc, best_epoch=result.best_epoch,
                                 phases=result.phases)
@@ -187,19 +196,44 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             plot_curves(recorder.rows, run_dir / "plots" / "curves.png", title=title)
             plot_alignment(recorder.rows, run_dir / "plots" / "alignment.png", title=title)
         if model is not None:
-            plot_first_receptive_fields(model, input_shape, run_dir / "plots", title)
+            plot_local_layer(model, input_shape, run_dir / "plots", title)
     return recorder.summary
 
 
-def plot_first_receptive_fields(model: torch.nn.Module, input_shape: tuple[int, ...],
-                                folder: Path, title: str) -> Path | None:
-    """plots/receptive_fields.png for the model's first local-rule layer, when it sees the image
-    itself and its weights are finite."""
-    layers = local_layers(model)
-    weights = layers[0].receptive_fields() if layers else None
-    if weights is None or not torch.isfinite(weights).all():
+# Data keys that do not change the training images, so they stay out of the phase-1 cache key
+# (synthetic data draws its test images after its training images).
+NOT_TRAINING_DATA = ("root", "download", "test_limit", "n_test")
+
+
+def has_phase1(model: torch.nn.Module, schedule: Schedule) -> bool:
+    return (schedule.name == "two_phase" and schedule.unsupervised.epochs > 0
+            and bool(local_layers(model)) and hasattr(model, "body"))
+
+
+def phase1_cache(cfg: DictConfig, model: torch.nn.Module, schedule: Schedule,
+                 device: torch.device) -> Phase1Cache | None:
+    """The phase-1 cache for this run, or None when there is no phase 1 or `cache=false`."""
+    if not cfg.cache or not has_phase1(model, schedule):
         return None
-    return plot_receptive_fields(weights, input_shape, folder / "receptive_fields.png", title)
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in NOT_TRAINING_DATA}
+    settings = {"data": data, "input_scale": cfg.model.input_scale, "seed": cfg.seed,
+                "unsupervised": asdict(schedule.unsupervised), "device": device.type}
+    return Phase1Cache(phase1_key(model.body, settings))
+
+
+def plot_local_layer(model: torch.nn.Module, input_shape: tuple[int, ...], folder: Path,
+                     title: str) -> None:
+    """plots/receptive_fields.png (when the first local-rule layer sees the image itself) and
+    plots/win_counts.png (when it has competing units), unless its weights are not finite."""
+    layers = local_layers(model)
+    if not layers:
+        return
+    weights, wins = layers[0].receptive_fields(), layers[0].unit_usage()
+    if weights is not None and torch.isfinite(weights).all():
+        plot_receptive_fields(weights, input_shape, folder / "receptive_fields.png", title)
+    if wins is not None and wins.sum() > 0:
+        plot_win_counts(wins, folder / "win_counts.png", title)
 
 
 def _show_progress(cfg: DictConfig) -> bool:

@@ -33,6 +33,14 @@ needs_fashion = pytest.mark.skipif(not FASHION_AVAILABLE,
                                           "dataset-fashion-mnist)")
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own user cache (phase-1 weights, downloads): no test sees another's."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
 @pytest.fixture
 def make_cfg() -> Callable[..., DictConfig]:
     """Compose the `train` config with overrides, as `bioexp train` would."""

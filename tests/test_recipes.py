@@ -9,7 +9,7 @@ import yaml
 from conftest import TINY, output_of
 
 from bioexp.compare import find_runs, runs_table, varying_overrides
-from bioexp.records import write_json
+from bioexp.records import read_json, write_json
 
 SPLITS = {  # 784-1000-2000-4000-2000-10 as Hebbian + fully connected layers
     "h1_fc4": ([1000], [2000, 4000, 2000]),
@@ -76,3 +76,37 @@ def test_a_sweep_recipe_runs_and_writes_its_table(bioexp, tmp_path: Path) -> Non
     assert table.count("completed") == 2 and "model.sparsity" in table
     assert "| 20 " in table and "| 80 " in table
     assert "runs in" in output_of(result)  # the table is in the log too
+
+
+HYBRID = {  # +hybrid option -> (model, head hidden sizes or None for models without that key)
+    "krotov_linear": ("krotov_fc", []),
+    "krotov_fc3": ("krotov_fc", [256, 1024]),
+    "krotov_fa3": ("krotov_fa", [256, 1024]),
+    "biocell_fc": ("krotov_biocell_fc", None),
+    "biocell_fa": ("krotov_biocell_fa", None),
+    "cnn": ("cnn", None),
+}
+
+
+def test_seed_hybrid_is_a_multirun_over_the_earlier_projects_models(make_cfg) -> None:
+    cfg = make_cfg("experiment=seed_hybrid", hydra=True)
+    assert str(cfg.hydra.mode).endswith("MULTIRUN")
+    assert cfg.hydra.sweeper.params["+hybrid"].split(",") == list(HYBRID)
+    for option, (model, head) in HYBRID.items():
+        job = make_cfg(f"+hybrid={option}")
+        assert job.model.name == model, option
+        if head is not None:
+            assert list(job.model.head) == head, option
+
+
+def test_seed_hybrid_runs_and_shares_phase_1(bioexp, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = bioexp("train", "experiment=seed_hybrid", "+hybrid=krotov_linear,krotov_fa3",
+                    "model.hidden=32", "schedule.unsupervised.batch_size=64", *TINY,
+                    f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, output_of(result)
+    table = (sweep / "runs.md").read_text()
+    assert table.count("completed") == 2, table
+    statuses = [read_json(p)["phase1_cache"]["status"]
+                for p in sorted(sweep.glob("*/summary.json"))]
+    assert statuses == ["miss", "hit"]  # the FA head reused the linear head's phase 1

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bioexp.cache import user_cache_dir
 from bioexp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,7 @@ SOURCES = {
 
 def cache_root() -> Path:
     """Where downloads go when neither data.root nor $BIOEXP_DATA is set."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bioexp" / "data"
+    return user_cache_dir() / "data"
 
 
 def search_roots(root: str | None) -> list[tuple[str, Path]]:

@@ -27,3 +27,7 @@ class LocalLayer(nn.Module):
     def receptive_fields(self) -> torch.Tensor | None:
         """(units, inputs): each unit's input weights, for plotting; None when not meaningful."""
         return None
+
+    def unit_usage(self) -> torch.Tensor | None:
+        """(units,): how often each unit won a competition, for layers that have one."""
+        return None

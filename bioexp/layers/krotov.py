@@ -1,0 +1,78 @@
+"""A wide hidden layer trained by Krotov & Hopfield's competing-hidden-units rule (2019, PNAS).
+
+The layer's output is the plain current W v of every hidden unit, (B, H); the models put the
+activation (relu, relu^n or a BioCell) in the head, so that a frozen layer's currents can be
+computed once and cached. W (H, D) is a buffer; `local_update` applies the rule of
+`bioexp.rules.krotov` with eps = the engine's learning rate, which the default `linear` schedule
+anneals as eps = lr * (1 - epoch / epochs), as in the paper. With p = 2 the currents the rule
+needs are the layer's own output, so a training batch costs one matrix product.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from bioexp.layers.local import LocalLayer
+from bioexp.rules.krotov import RULE_VERSION, krotov_rows, normalized_step
+
+KrotovInit = Literal["uniform", "normal"]
+
+
+class KrotovLayer(LocalLayer):
+    """Hidden units competing under the Krotov-Hopfield rule; forward(v) = v W^T."""
+
+    version = RULE_VERSION
+
+    def __init__(self, in_features: int, hidden: int, p: float = 2.0, k: int = 2,
+                 delta: float = 0.4, init: KrotovInit = "uniform", unit_rows: bool = False):
+        super().__init__()
+        if not 2 <= k <= hidden:
+            raise ValueError(f"k must be in [2, hidden = {hidden}], got {k}")
+        w = torch.rand(hidden, in_features) if init == "uniform" else torch.randn(hidden,
+                                                                                  in_features)
+        self.register_buffer("weight", w)  # (H, D)
+        self.register_buffer("wins", torch.zeros(hidden))  # samples each unit won, for plots
+        self.p, self.k, self.delta, self.init = float(p), int(k), float(delta), init
+        self.unit_rows = unit_rows
+
+    def row_norms(self) -> torch.Tensor:
+        return self.weight.norm(dim=1).clamp_min(1e-12)  # (H,)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """v W^T, (B, H); with `unit_rows`, each unit's current uses its weights scaled to unit
+        length, which keeps a BioCell head's relu(.)^n bounded for unit-length inputs."""
+        currents = v @ self.weight.T  # (B, D) @ (D, H) -> (B, H)
+        return currents / self.row_norms() if self.unit_rows else currents
+
+    def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        currents = None
+        if self.p == 2:  # the rule's p = 2 current is v W^T: the layer's own output
+            currents = y * self.row_norms() if self.unit_rows else y
+        rows, ds, winners = krotov_rows(x, self.weight, self.p, self.k, self.delta, currents)
+        self.weight.index_add_(0, rows, normalized_step(ds, lr))  # other rows: dS = 0
+        self.wins.index_add_(0, winners, torch.ones_like(winners, dtype=self.wins.dtype))
+
+    def local_stats(self) -> dict[str, float]:
+        return {"weight_norm_mean": self.weight.norm(dim=1).mean().item(),
+                "units_never_won": int((self.wins == 0).sum().item())}
+
+    def receptive_fields(self) -> torch.Tensor:
+        return self.weight
+
+    def unit_usage(self) -> torch.Tensor:
+        return self.wins
+
+    def extra_repr(self) -> str:
+        h, d = self.weight.shape
+        return (f"in_features={d}, hidden={h}, p={self.p:g}, k={self.k}, delta={self.delta:g}, "
+                f"init={self.init}, unit_rows={self.unit_rows}")
+
+
+class UnitNorm(nn.Module):
+    """x / |x| over the last dimension (inputs of norm zero stay zero)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,165 @@
+"""Krotov & Hopfield's competing hidden units under a supervised head (2019, PNAS 116(16):7723).
+
+Phase 1 trains the wide hidden layer (`bioexp.layers.KrotovLayer`) without labels; phase 2 trains
+the head on its frozen currents, computed once. Heads:
+
+- `krotov_fc` / `krotov_fa`: an activation (none, relu, or relu^n), then fully connected layers
+  trained by backprop or by feedback alignment;
+- `krotov_biocell_fc` / `krotov_biocell_fa`: the paper's classifier, h = relu(W v)^n,
+  c = tanh(beta S h), loss sum_classes |c - t|^m with t = +1 for the true class and -1 otherwise,
+  prediction argmax c; S trained by backprop or by FA.
+
+The four models combine these layers as the Brown CLPS1291 project's "hybridBio" notebooks did
+(after gatapia/unsupervised_bio_classifier).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bioexp.errors import ConfigError
+from bioexp.layers.feedback import FALinear
+from bioexp.layers.krotov import KrotovInit, KrotovLayer, UnitNorm
+from bioexp.models.base import Classifier, check_sizes
+from bioexp.models.baselines import mlp_layers
+from bioexp.registry import register_model
+
+Activation = Literal["none", "relu", "relu_power"]
+Linear = Callable[..., nn.Module]
+
+
+class ReluPower(nn.Module):
+    """relu(x)^n."""
+
+    def __init__(self, n: float):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).pow(self.n)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n:g}"
+
+
+class BioCell(nn.Module):
+    """c = tanh(beta * S relu(currents)^n), one output in (-1, 1) per class."""
+
+    def __init__(self, hidden: int, num_classes: int, n: float, beta: float,
+                 linear: Linear = nn.Linear):
+        super().__init__()
+        self.hidden_power = ReluPower(n)
+        self.readout = linear(hidden, num_classes, bias=False)  # S, (classes, H)
+        self.beta = beta
+
+    def forward(self, currents: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.beta * self.readout(self.hidden_power(currents)))
+
+
+class BioCellClassifier(Classifier):
+    """A Classifier whose loss is Krotov & Hopfield's sum over classes of |c - t|^m."""
+
+    def __init__(self, head: nn.Module, body: nn.Module, m: float):
+        super().__init__(head, body)
+        self.m = m
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bio_loss(output, target, self.m)
+
+
+def bio_loss(c: torch.Tensor, target: torch.Tensor, m: float) -> torch.Tensor:
+    """Mean over the batch of sum_classes |c - t|^m, t = +1 for the true class, -1 otherwise."""
+    t = F.one_hot(target, c.shape[1]).to(c.dtype) * 2 - 1
+    return (c - t).abs().pow(m).sum(dim=1).mean()
+
+
+def krotov_body(input_shape: Sequence[int], hidden: int, p: float, k: int, delta: float,
+                init: str, normalize_input: bool, unit_rows: bool) -> nn.Sequential:
+    if hidden < 2:
+        raise ConfigError(f"model.hidden must be at least 2, got {hidden}")
+    if not 2 <= k <= hidden:
+        raise ConfigError(f"model.k must be in [2, model.hidden = {hidden}], got {k}")
+    if p < 1:
+        raise ConfigError(f"model.p must be at least 1, got {p}")
+    if not 0 <= delta <= 1:
+        raise ConfigError(f"model.delta must be in [0, 1], got {delta}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    if normalize_input:
+        layers.append(UnitNorm())
+    layers.append(KrotovLayer(math.prod(input_shape), hidden, p, k, delta, init, unit_rows))
+    return nn.Sequential(*layers)
+
+
+def feature_activation(name: str, n: float) -> nn.Module:
+    if name == "relu_power":
+        return ReluPower(n)
+    return nn.ReLU() if name == "relu" else nn.Identity()
+
+
+def _fc_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: float, k: int,
+              delta: float, init: str, normalize_input: bool, unit_rows: bool,
+              activation: str, n: float, head: Sequence[int], dropout: float,
+              linear: Linear) -> Classifier:
+    check_sizes("model.head", head)
+    body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input, unit_rows)
+    layers = mlp_layers([hidden, *head, num_classes], "relu", dropout, linear)
+    return Classifier(head=nn.Sequential(feature_activation(activation, n), *layers), body=body)
+
+
+def _biocell_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: float, k: int,
+                   delta: float, init: str, normalize_input: bool, unit_rows: bool, n: float,
+                   m: float, beta: float, linear: Linear) -> BioCellClassifier:
+    if m < 1:
+        raise ConfigError(f"model.m must be at least 1, got {m}")
+    body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input, unit_rows)
+    return BioCellClassifier(BioCell(hidden, num_classes, n, beta, linear), body, m)
+
+
+@register_model
+def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
+              p: float = 2.0, k: int = 2, delta: float = 0.4, init: KrotovInit = "uniform",
+              normalize_input: bool = False, unit_rows: bool = False,
+              activation: Activation = "relu", n: float = 4.5,
+              head: Sequence[int] = (256, 1024), dropout: float = 0.2) -> Classifier:
+    """Krotov-Hopfield hidden layer, then fully connected layers trained by backprop."""
+    return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
+                     unit_rows, activation, n, head, dropout, nn.Linear)
+
+
+@register_model
+def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
+              p: float = 2.0, k: int = 2, delta: float = 0.4, init: KrotovInit = "uniform",
+              normalize_input: bool = False, unit_rows: bool = False,
+              activation: Activation = "relu", n: float = 4.5,
+              head: Sequence[int] = (256, 1024), dropout: float = 0.2) -> Classifier:
+    """Krotov-Hopfield hidden layer, then fully connected layers trained by feedback alignment."""
+    return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
+                     unit_rows, activation, n, head, dropout, FALinear)
+
+
+@register_model
+def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
+                      p: float = 2.0, k: int = 2, delta: float = 0.4,
+                      init: KrotovInit = "uniform", normalize_input: bool = True,
+                      unit_rows: bool = True, n: float = 4.5, m: float = 6.0,
+                      beta: float = 1.0) -> BioCellClassifier:
+    """Krotov-Hopfield hidden layer under the paper's BioCell classifier, S by backprop."""
+    return _biocell_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
+                          unit_rows, n, m, beta, nn.Linear)
+
+
+@register_model
+def krotov_biocell_fa(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
+                      p: float = 2.0, k: int = 2, delta: float = 0.4,
+                      init: KrotovInit = "uniform", normalize_input: bool = True,
+                      unit_rows: bool = True, n: float = 4.5, m: float = 6.0,
+                      beta: float = 1.0) -> BioCellClassifier:
+    """Krotov-Hopfield hidden layer under the BioCell classifier, S by feedback alignment."""
+    return _biocell_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
+                          unit_rows, n, m, beta, FALinear)
