@@ -60,10 +60,9 @@ def test_normalized_step_has_the_learning_rate_as_largest_entry() -> None:
     assert torch.equal(normalized_step(torch.zeros(2, 2), 0.04), torch.zeros(2, 2))
 
 
-@pytest.mark.parametrize("unit_rows", [False, True])
-def test_layer_update_reuses_its_output_as_the_current_exactly(unit_rows: bool) -> None:
+def test_layer_update_reuses_its_output_as_the_current_exactly() -> None:
     torch.manual_seed(0)
-    layer = KrotovLayer(20, 30, unit_rows=unit_rows)
+    layer = KrotovLayer(20, 30)
     v = torch.rand(16, 20)
     expected = layer.weight + normalized_step(krotov_update_dense(v, layer.weight, 2, 2, 0.4),
                                               0.03)
@@ -89,10 +88,22 @@ def test_models_build_with_their_heads() -> None:
     fa = build_model("krotov_fa", (1, 6, 6), 3, hidden=20, head=[8])
     assert sum(isinstance(m, FALinear) for m in fa.head.modules()) == 2
     bio = build_model("krotov_biocell_fa", (1, 6, 6), 3, hidden=20)
-    assert isinstance(bio.head.readout, FALinear) and bio.head.readout.bias is None
+    cell = bio.head[-1]
+    assert isinstance(cell.readout, FALinear) and cell.readout.bias is None
     out = bio(torch.rand(5, 1, 6, 6))
     assert out.shape == (5, 3) and bool((out.abs() < 1).all())  # tanh outputs
     assert torch.equal(bio.predict(out), out.argmax(dim=1))
+
+
+def test_unit_rows_divides_currents_by_row_lengths_in_the_head() -> None:
+    model = build_model("krotov_fc", (1, 6, 6), 3, hidden=20, unit_rows=True, normalize_input=False,
+                        activation="none")
+    layer = model.body[-1]
+    x = torch.rand(4, 1, 6, 6)
+    currents = model.body(x)
+    assert torch.allclose(currents, x.flatten(1) @ layer.weight.T)  # the body stays raw
+    assert torch.allclose(model.head[0](currents), currents / layer.weight.norm(dim=1))
+    assert "unit_rows" not in repr(model.body)  # so it does not split the phase-1 cache
 
 
 @pytest.mark.parametrize(("hparams", "key"), [
@@ -122,14 +133,15 @@ def cache_key(make_cfg, *overrides: str, device: str = "cpu") -> str:
 
 DETERMINING = [
     "data=fashion_mnist", "data.train_limit=100", "data.val_size=10", "data.seed=1",
-    "data.n_train=300", "model.input_scale=symmetric", "model.hidden=41", "model.p=3",
-    "model.k=3", "model.delta=0.3", "model.init=normal", "model.normalize_input=true",
-    "model.unit_rows=true", "schedule.unsupervised.lr=0.03", "schedule.unsupervised.epochs=2",
+    "data.n_train=300", "model.input_scale=symmetric", "model.hidden=41", "model.p=2",
+    "model.k=3", "model.delta=0.3", "model.init=normal", "model.normalize_input=false",
+    "schedule.unsupervised.lr=0.03", "schedule.unsupervised.epochs=2",
     "schedule.unsupervised.batch_size=50", "schedule.unsupervised.lr_schedule=constant",
     "seed=1",
 ]
 NOT_DETERMINING = [
     "model=krotov_fa", "model.head=[16]", "model.dropout=0.5", "model.activation=relu_power",
+    "model.unit_rows=false",
     "schedule.supervised.lr=0.1", "schedule.supervised.epochs=3", "data.test_limit=50",
     "data.root=/elsewhere", "data.download=false", "data.n_test=7", "progress=false",
 ]

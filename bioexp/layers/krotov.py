@@ -27,7 +27,7 @@ class KrotovLayer(LocalLayer):
     version = RULE_VERSION
 
     def __init__(self, in_features: int, hidden: int, p: float = 2.0, k: int = 2,
-                 delta: float = 0.4, init: KrotovInit = "uniform", unit_rows: bool = False):
+                 delta: float = 0.4, init: KrotovInit = "uniform"):
         super().__init__()
         if not 2 <= k <= hidden:
             raise ValueError(f"k must be in [2, hidden = {hidden}], got {k}")
@@ -36,21 +36,15 @@ class KrotovLayer(LocalLayer):
         self.register_buffer("weight", w)  # (H, D)
         self.register_buffer("wins", torch.zeros(hidden))  # samples each unit won, for plots
         self.p, self.k, self.delta, self.init = float(p), int(k), float(delta), init
-        self.unit_rows = unit_rows
 
     def row_norms(self) -> torch.Tensor:
         return self.weight.norm(dim=1).clamp_min(1e-12)  # (H,)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """v W^T, (B, H); with `unit_rows`, each unit's current uses its weights scaled to unit
-        length, which keeps a BioCell head's relu(.)^n bounded for unit-length inputs."""
-        currents = v @ self.weight.T  # (B, D) @ (D, H) -> (B, H)
-        return currents / self.row_norms() if self.unit_rows else currents
+        return v @ self.weight.T  # (B, D) @ (D, H) -> (B, H)
 
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
-        currents = None
-        if self.p == 2:  # the rule's p = 2 current is v W^T: the layer's own output
-            currents = y * self.row_norms() if self.unit_rows else y
+        currents = y if self.p == 2 else None  # the p = 2 current is v W^T: the layer's output
         rows, ds, winners = krotov_rows(x, self.weight, self.p, self.k, self.delta, currents)
         self.weight.index_add_(0, rows, normalized_step(ds, lr))  # other rows: dS = 0
         self.wins.index_add_(0, winners, torch.ones_like(winners, dtype=self.wins.dtype))
@@ -68,7 +62,19 @@ class KrotovLayer(LocalLayer):
     def extra_repr(self) -> str:
         h, d = self.weight.shape
         return (f"in_features={d}, hidden={h}, p={self.p:g}, k={self.k}, delta={self.delta:g}, "
-                f"init={self.init}, unit_rows={self.unit_rows}")
+                f"init={self.init}")
+
+
+class UnitRows(nn.Module):
+    """Divides each unit's current by the length of its weight row: the current of unit-length
+    rows. Sits at the head's input, so the cached body output stays the raw current."""
+
+    def __init__(self, layer: KrotovLayer):
+        super().__init__()
+        self._layer = [layer]  # a list, so the layer is not registered twice
+
+    def forward(self, currents: torch.Tensor) -> torch.Tensor:
+        return currents / self._layer[0].row_norms()
 
 
 class UnitNorm(nn.Module):

@@ -25,7 +25,7 @@ from torch import nn
 
 from bioexp.errors import ConfigError
 from bioexp.layers.feedback import FALinear
-from bioexp.layers.krotov import KrotovInit, KrotovLayer, UnitNorm
+from bioexp.layers.krotov import KrotovInit, KrotovLayer, UnitNorm, UnitRows
 from bioexp.models.base import Classifier, check_sizes
 from bioexp.models.baselines import mlp_layers
 from bioexp.registry import register_model
@@ -80,7 +80,7 @@ def bio_loss(c: torch.Tensor, target: torch.Tensor, m: float) -> torch.Tensor:
 
 
 def krotov_body(input_shape: Sequence[int], hidden: int, p: float, k: int, delta: float,
-                init: str, normalize_input: bool, unit_rows: bool) -> nn.Sequential:
+                init: str, normalize_input: bool) -> nn.Sequential:
     if hidden < 2:
         raise ConfigError(f"model.hidden must be at least 2, got {hidden}")
     if not 2 <= k <= hidden:
@@ -92,8 +92,13 @@ def krotov_body(input_shape: Sequence[int], hidden: int, p: float, k: int, delta
     layers: list[nn.Module] = [nn.Flatten()]
     if normalize_input:
         layers.append(UnitNorm())
-    layers.append(KrotovLayer(math.prod(input_shape), hidden, p, k, delta, init, unit_rows))
+    layers.append(KrotovLayer(math.prod(input_shape), hidden, p, k, delta, init))
     return nn.Sequential(*layers)
+
+
+def head_input(body: nn.Sequential, unit_rows: bool) -> list[nn.Module]:
+    """The head's first module: currents of unit-length weight rows, when asked for."""
+    return [UnitRows(body[-1])] if unit_rows else []
 
 
 def feature_activation(name: str, n: float) -> nn.Module:
@@ -107,9 +112,10 @@ def _fc_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: floa
               activation: str, n: float, head: Sequence[int], dropout: float,
               linear: Linear) -> Classifier:
     check_sizes("model.head", head)
-    body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input, unit_rows)
+    body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input)
     layers = mlp_layers([hidden, *head, num_classes], "relu", dropout, linear)
-    return Classifier(head=nn.Sequential(feature_activation(activation, n), *layers), body=body)
+    return Classifier(head=nn.Sequential(*head_input(body, unit_rows),
+                                         feature_activation(activation, n), *layers), body=body)
 
 
 def _biocell_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: float, k: int,
@@ -117,16 +123,18 @@ def _biocell_model(input_shape: Sequence[int], num_classes: int, hidden: int, p:
                    m: float, beta: float, linear: Linear) -> BioCellClassifier:
     if m < 1:
         raise ConfigError(f"model.m must be at least 1, got {m}")
-    body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input, unit_rows)
-    return BioCellClassifier(BioCell(hidden, num_classes, n, beta, linear), body, m)
+    body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input)
+    cell = BioCell(hidden, num_classes, n, beta, linear)
+    head = nn.Sequential(*head_input(body, unit_rows), cell)
+    return BioCellClassifier(head, body, m)
 
 
 @register_model
 def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-              p: float = 2.0, k: int = 2, delta: float = 0.4, init: KrotovInit = "uniform",
-              normalize_input: bool = False, unit_rows: bool = False,
-              activation: Activation = "relu", n: float = 4.5,
-              head: Sequence[int] = (256, 1024), dropout: float = 0.2) -> Classifier:
+              p: float = 3.0, k: int = 7, delta: float = 0.4, init: KrotovInit = "uniform",
+              normalize_input: bool = True, unit_rows: bool = True,
+              activation: Activation = "relu_power", n: float = 4.5,
+              head: Sequence[int] = (256, 1024), dropout: float = 0.0) -> Classifier:
     """Krotov-Hopfield hidden layer, then fully connected layers trained by backprop."""
     return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
                      unit_rows, activation, n, head, dropout, nn.Linear)
@@ -134,10 +142,10 @@ def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000
 
 @register_model
 def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-              p: float = 2.0, k: int = 2, delta: float = 0.4, init: KrotovInit = "uniform",
-              normalize_input: bool = False, unit_rows: bool = False,
-              activation: Activation = "relu", n: float = 4.5,
-              head: Sequence[int] = (256, 1024), dropout: float = 0.2) -> Classifier:
+              p: float = 3.0, k: int = 7, delta: float = 0.4, init: KrotovInit = "uniform",
+              normalize_input: bool = True, unit_rows: bool = True,
+              activation: Activation = "relu_power", n: float = 4.5,
+              head: Sequence[int] = (256, 1024), dropout: float = 0.0) -> Classifier:
     """Krotov-Hopfield hidden layer, then fully connected layers trained by feedback alignment."""
     return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
                      unit_rows, activation, n, head, dropout, FALinear)
@@ -145,7 +153,7 @@ def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000
 
 @register_model
 def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-                      p: float = 2.0, k: int = 2, delta: float = 0.4,
+                      p: float = 3.0, k: int = 7, delta: float = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
                       unit_rows: bool = True, n: float = 4.5, m: float = 6.0,
                       beta: float = 1.0) -> BioCellClassifier:
@@ -156,7 +164,7 @@ def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: in
 
 @register_model
 def krotov_biocell_fa(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-                      p: float = 2.0, k: int = 2, delta: float = 0.4,
+                      p: float = 3.0, k: int = 7, delta: float = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
                       unit_rows: bool = True, n: float = 4.5, m: float = 6.0,
                       beta: float = 1.0) -> BioCellClassifier:

@@ -25,9 +25,11 @@ RULE_VERSION = 1
 
 
 def powered(w: torch.Tensor, p: float) -> torch.Tensor:
-    """sign(W) * |W|^(p-1); W itself when p = 2 (no power computed)."""
+    """sign(W) * |W|^(p-1): W itself when p = 2, W |W| when p = 3 (no power computed)."""
     if p == 2:
         return w
+    if p == 3:
+        return w * w.abs()
     return torch.sign(w) * w.abs().pow(p - 1)
 
 
