@@ -29,9 +29,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("p", [2.0, 3.0])
 @pytest.mark.parametrize("k", [2, 7])
-def test_fast_rule_equals_the_formula(p: float, k: int) -> None:
+@pytest.mark.parametrize(("batch", "hidden"), [(100, 300), (400, 8)])  # some units; all units
+def test_fast_rule_equals_the_formula(p: float, k: int, batch: int, hidden: int) -> None:
     g = torch.Generator().manual_seed(int(p * 10 + k))
-    v, w = torch.rand(100, 784, generator=g), torch.randn(300, 784, generator=g) * 0.1
+    v, w = torch.rand(batch, 784, generator=g), torch.randn(hidden, 784, generator=g) * 0.1
     fast, winners = krotov_update(v, w, p, k, 0.4)
     assert relative_error(fast, krotov_update_dense(v, w, p, k, 0.4)) < 1e-5
     currents = v @ (torch.sign(w) * w.abs() ** (p - 1)).T

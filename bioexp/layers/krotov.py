@@ -46,7 +46,10 @@ class KrotovLayer(LocalLayer):
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         currents = y if self.p == 2 else None  # the p = 2 current is v W^T: the layer's output
         rows, ds, winners = krotov_rows(x, self.weight, self.p, self.k, self.delta, currents)
-        self.weight.index_add_(0, rows, normalized_step(ds, lr))  # other rows: dS = 0
+        if rows is None:
+            self.weight.add_(normalized_step(ds, lr))
+        else:
+            self.weight.index_add_(0, rows, normalized_step(ds, lr))  # other rows: dS = 0
         self.wins.index_add_(0, winners, torch.ones_like(winners, dtype=self.wins.dtype))
 
     def local_stats(self) -> dict[str, float]:

@@ -35,12 +35,13 @@ def powered(w: torch.Tensor, p: float) -> torch.Tensor:
 
 def krotov_rows(v: torch.Tensor, w: torch.Tensor, p: float, k: int, delta: float,
                 currents: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(rows, dS[rows], winners) for minibatch `v` (B, D) and weights `w` (H, D).
 
     Only the units that won or came k-th for some sample have g != 0 anywhere, and every other
     row of dS is zero, so dS is computed for those rows alone (at most 2B of them): O(B D) work
-    instead of O(H D) for small batches. `currents`, when the caller has them, is
+    instead of O(H D) for small batches. `rows` is None when every unit is involved (then dS
+    is the whole matrix, in unit order). `currents`, when the caller has them, is
     I^T = v (sign(W) |W|^(p-1))^T, (B, H); `winners` (B,) is each sample's winning unit.
     Nothing is mutated.
     """
@@ -55,6 +56,8 @@ def krotov_rows(v: torch.Tensor, w: torch.Tensor, p: float, k: int, delta: float
     drive = torch.zeros(len(rows), dtype=w.dtype, device=w.device)  # sum_b g * I, per unit
     drive.index_add_(0, win_slot, top.values[:, 0])
     drive.index_add_(0, lose_slot, top.values[:, k - 1], alpha=-delta)
+    if len(rows) == w.shape[0]:  # every unit: skip gathering and scattering W's rows
+        return None, torch.addcmul(ds, drive[:, None], w, value=-1), winner
     return rows, torch.addcmul(ds, drive[:, None], w[rows], value=-1), winner
 
 
@@ -62,6 +65,8 @@ def krotov_update(v: torch.Tensor, w: torch.Tensor, p: float, k: int, delta: flo
                   currents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dS, winners), with dS the full (H, D) matrix; see `krotov_rows`."""
     rows, ds_rows, winners = krotov_rows(v, w, p, k, delta, currents)
+    if rows is None:
+        return ds_rows, winners
     return torch.zeros_like(w).index_copy_(0, rows, ds_rows), winners
 
 
