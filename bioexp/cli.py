@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bioexp import __version__
 from bioexp.errors import BioexpError
@@ -19,6 +20,7 @@ COMMANDS = {
     "train": "train a model: bioexp train [hydra overrides], e.g. model=cnn data=mnist seed=1",
     "list": "list the registered models, datasets, schedules and recipes",
     "data": "find (or download) a dataset and say where it is: bioexp data fashion_mnist",
+    "compare": "tabulate run folders side by side: bioexp compare outputs/multirun --by model",
 }
 
 USAGE = "usage: bioexp [-h] [--version] {" + ",".join(COMMANDS) + "} ..."
@@ -87,6 +89,34 @@ def data_command(args: Sequence[str]) -> None:
           f"{'x'.join(map(str, train_x.shape[1:]))} in {folder}")
 
 
+def compare_command(args: Sequence[str]) -> None:
+    from bioexp.compare import find_runs, grouped_table, runs_table
+
+    parser = argparse.ArgumentParser(prog="bioexp compare", description=COMMANDS["compare"])
+    parser.add_argument("folders", nargs="+", help="run folders, or folders to search for runs")
+    parser.add_argument("--by", default=None,
+                        help="comma-separated keys to group by (model, data, schedule, or any "
+                             "dotted config key); groups show mean, std and count")
+    parser.add_argument("--metric", default="test_acc",
+                        help="summary.json field that --by aggregates (default test_acc)")
+    parser.add_argument("--md", default=None, help="also write the table to this Markdown file")
+    opts = parser.parse_args(args)
+    runs = []
+    for folder in opts.folders:
+        path = Path(folder)
+        if not path.is_dir():
+            _fail(f"{folder} is not a folder")
+        found = find_runs(path)
+        if not found:
+            _fail(f"no runs (folders with summary.json) under {folder}")
+        runs += found
+    by = [key.strip() for key in opts.by.split(",")] if opts.by else []
+    table = grouped_table(runs, by, opts.metric) if by else runs_table(runs)
+    print(table)
+    if opts.md:
+        Path(opts.md).write_text(table + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -96,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"bioexp {__version__}")
         return
     command, rest = args[0], args[1:]
-    handlers = {"train": train_command, "list": list_command, "data": data_command}
+    handlers = {"train": train_command, "list": list_command, "data": data_command,
+                "compare": compare_command}
     if command not in handlers:
         _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     if command != "train":

@@ -8,7 +8,9 @@ their row with their status.
 
 from __future__ import annotations
 
+import os
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,23 @@ class Run:
     path: Path
     summary: dict[str, Any]
     overrides: tuple[str, ...]
+    config: dict[str, Any]  # .hydra/config.yaml flattened to dotted keys
+
+    def value(self, key: str) -> Any:
+        """A config group's choice (`model`, `data`, `schedule`), any dotted config key, or a
+        summary.json field."""
+        if key in ("model", "data", "schedule"):
+            return self.config.get(f"{key}.name", self.summary.get(key))
+        return self.config[key] if key in self.config else self.summary.get(key)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -43,9 +62,16 @@ def read_run(folder: Path) -> Run:
         summary = read_json(folder / SUMMARY)
     except (OSError, ValueError):
         summary = {"status": "unreadable"}
-    overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    return Run(folder, summary, tuple(overrides or ()))
+    hydra_dir = folder / ".hydra"
+    overrides, config = [], {}
+    try:
+        if (hydra_dir / "overrides.yaml").is_file():
+            overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
+        if (hydra_dir / "config.yaml").is_file():
+            config = _flatten(yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {})
+    except yaml.YAMLError:
+        pass  # a damaged .hydra folder: the run is still listed, from summary.json alone
+    return Run(folder, summary, tuple(overrides), config)
 
 
 def varying_overrides(runs: list[Run]) -> list[dict[str, str]]:
@@ -70,9 +96,40 @@ def runs_table(runs: list[Run]) -> str:
     varying = varying_overrides(runs)
     keys = list(varying[0]) if varying else []
     header = ["run", *keys, *(name for name, _ in COLUMNS)]
-    rows = [[run.path.name, *(v[k] for k in keys),
+    names = run_names(runs)
+    rows = [[name, *(v[k] for k in keys),
              *(_fmt(run.summary.get(name), digits) for name, digits in COLUMNS)]
-            for run, v in zip(runs, varying, strict=True)]
+            for name, run, v in zip(names, runs, varying, strict=True)]
+    return markdown_table(header, rows)
+
+
+def run_names(runs: list[Run]) -> list[str]:
+    """Each run's path relative to the folder that holds them all (its name if alone)."""
+    if len(runs) < 2:
+        return [run.path.name for run in runs]
+    common = Path(os.path.commonpath([run.path.resolve() for run in runs]))
+    return [str(run.path.resolve().relative_to(common)) or run.path.name for run in runs]
+
+
+def grouped_table(runs: list[Run], by: list[str], metric: str = "test_acc") -> str:
+    """A Markdown table with one row per distinct value of the `by` keys: the mean, standard
+    deviation and count of `metric` over the group's completed runs, and every status seen."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(str(run.value(k)) for k in by), []).append(run)
+    header = [*by, f"{metric} mean", "std", "n", "statuses"]
+    rows = []
+    for key, members in groups.items():
+        values = [float(r.summary[metric]) for r in members
+                  if r.summary.get("status") == "completed" and r.summary.get(metric) is not None]
+        mean = statistics.fmean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else None
+        statuses = sorted({str(r.summary.get("status")) for r in members})
+        rows.append([*key, _fmt(mean, 4), _fmt(std, 4), str(len(values)), ", ".join(statuses)])
+    return markdown_table(header, rows)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
 
     def line(cells: list[str]) -> str:

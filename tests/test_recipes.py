@@ -110,3 +110,33 @@ def test_seed_hybrid_runs_and_shares_phase_1(bioexp, tmp_path: Path) -> None:
     statuses = [read_json(p)["phase1_cache"]["status"]
                 for p in sorted(sweep.glob("*/summary.json"))]
     assert statuses == ["miss", "hit"]  # the FA head reused the linear head's phase 1
+
+
+def test_compare_groups_runs_and_keeps_failed_ones_visible(bioexp, tmp_path: Path) -> None:
+    for i, (model, seed, acc, status) in enumerate([
+            ("bp_mlp", 0, 0.80, "completed"), ("bp_mlp", 1, 0.90, "completed"),
+            ("fa_mlp", 0, 0.70, "completed"), ("fa_mlp", 1, None, "diverged")]):
+        folder = tmp_path / "sweep" / f"{i}_{model}"
+        fake_run(folder, [f"model={model}", f"seed={seed}"], status=status, test_acc=acc)
+        (folder / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump({"model": {"name": model}, "seed": seed}))
+    result = bioexp("compare", str(tmp_path / "sweep"), "--by", "model",
+                    "--md", str(tmp_path / "t.md"))
+    assert result.returncode == 0, output_of(result)
+    lines = result.stdout.splitlines()
+    bp = next(line for line in lines if "| bp_mlp" in line)
+    fa = next(line for line in lines if "| fa_mlp" in line)
+    assert "0.8500" in bp and "0.0707" in bp and "| 2 " in bp  # mean, std, count of two seeds
+    assert "0.7000" in fa and "| 1 " in fa and "completed, diverged" in fa
+    assert (tmp_path / "t.md").read_text().strip() == result.stdout.strip()
+    plain = bioexp("compare", str(tmp_path / "sweep"))
+    assert plain.returncode == 0 and plain.stdout.count("\n") == 2 + 4  # every run listed
+
+
+def test_compare_says_when_there_is_nothing_to_compare(bioexp, tmp_path: Path) -> None:
+    missing = bioexp("compare", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = bioexp("compare", str(tmp_path / "empty"))
+    assert empty.returncode == 2 and "no runs" in empty.stderr
+    assert "Traceback" not in missing.stderr + empty.stderr
