@@ -90,7 +90,7 @@ def data_command(args: Sequence[str]) -> None:
 
 
 def compare_command(args: Sequence[str]) -> None:
-    from bioexp.compare import find_runs, grouped_table, runs_table
+    from bioexp.compare import find_runs, group_rows, markdown_table, run_rows, sort_rows, write_csv
 
     parser = argparse.ArgumentParser(prog="bioexp compare", description=COMMANDS["compare"])
     parser.add_argument("folders", nargs="+", help="run folders, or folders to search for runs")
@@ -99,7 +99,10 @@ def compare_command(args: Sequence[str]) -> None:
                              "dotted config key); groups show mean, std and count")
     parser.add_argument("--metric", default="test_acc",
                         help="summary.json field that --by aggregates (default test_acc)")
+    parser.add_argument("--sort", default=None,
+                        help="column to sort by (numbers largest first), e.g. test_acc")
     parser.add_argument("--md", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
     opts = parser.parse_args(args)
     runs = []
     for folder in opts.folders:
@@ -111,10 +114,18 @@ def compare_command(args: Sequence[str]) -> None:
             _fail(f"no runs (folders with summary.json) under {folder}")
         runs += found
     by = [key.strip() for key in opts.by.split(",")] if opts.by else []
-    table = grouped_table(runs, by, opts.metric) if by else runs_table(runs)
+    header, rows = group_rows(runs, by, opts.metric) if by else run_rows(runs)
+    if opts.sort:
+        try:
+            rows = sort_rows(header, rows, opts.sort)
+        except ValueError as exc:
+            _fail(f"--sort: {exc}")
+    table = markdown_table(header, rows)
     print(table)
     if opts.md:
         Path(opts.md).write_text(table + "\n")
+    if opts.csv:
+        write_csv(Path(opts.csv), header, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,6 +8,7 @@ their row with their status.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import statistics
@@ -91,8 +92,8 @@ def _fmt(value: Any, digits: int) -> str:
 COLUMNS = (("status", 0), ("test_acc", 4), ("best_test_acc", 4), ("wall_time_s", 1))
 
 
-def runs_table(runs: list[Run]) -> str:
-    """A Markdown table: run folder, the varying overrides, status, accuracies, wall time."""
+def run_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): run folder, the varying overrides, status, accuracies, wall time."""
     varying = varying_overrides(runs)
     keys = list(varying[0]) if varying else []
     header = ["run", *keys, *(name for name, _ in COLUMNS)]
@@ -100,7 +101,11 @@ def runs_table(runs: list[Run]) -> str:
     rows = [[name, *(v[k] for k in keys),
              *(_fmt(run.summary.get(name), digits) for name, digits in COLUMNS)]
             for name, run, v in zip(names, runs, varying, strict=True)]
-    return markdown_table(header, rows)
+    return header, rows
+
+
+def runs_table(runs: list[Run]) -> str:
+    return markdown_table(*run_rows(runs))
 
 
 def run_names(runs: list[Run]) -> list[str]:
@@ -111,8 +116,9 @@ def run_names(runs: list[Run]) -> list[str]:
     return [str(run.path.resolve().relative_to(common)) or run.path.name for run in runs]
 
 
-def grouped_table(runs: list[Run], by: list[str], metric: str = "test_acc") -> str:
-    """A Markdown table with one row per distinct value of the `by` keys: the mean, standard
+def group_rows(runs: list[Run], by: list[str], metric: str = "test_acc"
+               ) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) with one row per distinct value of the `by` keys: the mean, standard
     deviation and count of `metric` over the group's completed runs, and every status seen."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
@@ -126,7 +132,30 @@ def grouped_table(runs: list[Run], by: list[str], metric: str = "test_acc") -> s
         std = statistics.stdev(values) if len(values) > 1 else None
         statuses = sorted({str(r.summary.get("status")) for r in members})
         rows.append([*key, _fmt(mean, 4), _fmt(std, 4), str(len(values)), ", ".join(statuses)])
-    return markdown_table(header, rows)
+    return header, rows
+
+
+def sort_rows(header: list[str], rows: list[list[str]], column: str) -> list[list[str]]:
+    """Rows by `column`, numbers largest first, then text in order; empty cells last."""
+    if column not in header:
+        raise ValueError(f"no column {column!r}; columns: {', '.join(header)}")
+    i = header.index(column)
+
+    def key(row: list[str]) -> tuple:
+        cell = row[i]
+        try:
+            return (0, -float(cell), "")
+        except ValueError:
+            return (1 if cell else 2, 0.0, cell)
+
+    return sorted(rows, key=key)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

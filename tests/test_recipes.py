@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -129,8 +130,16 @@ def test_compare_groups_runs_and_keeps_failed_ones_visible(bioexp, tmp_path: Pat
     assert "0.8500" in bp and "0.0707" in bp and "| 2 " in bp  # mean, std, count of two seeds
     assert "0.7000" in fa and "| 1 " in fa and "completed, diverged" in fa
     assert (tmp_path / "t.md").read_text().strip() == result.stdout.strip()
-    plain = bioexp("compare", str(tmp_path / "sweep"))
+    plain = bioexp("compare", str(tmp_path / "sweep"), "--sort", "test_acc",
+                   "--csv", str(tmp_path / "t.csv"))
     assert plain.returncode == 0 and plain.stdout.count("\n") == 2 + 4  # every run listed
+    order = [line.split("|")[1].strip() for line in plain.stdout.splitlines()[2:]]
+    assert order == ["1_bp_mlp", "0_bp_mlp", "2_fa_mlp", "3_fa_mlp"]  # best first, empty last
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:4] == ["run", "model", "seed", "status"] and len(rows) == 5
+    bad = bioexp("compare", str(tmp_path / "sweep"), "--sort", "nope")
+    assert bad.returncode == 2 and "--sort: no column 'nope'" in bad.stderr
 
 
 def test_compare_says_when_there_is_nothing_to_compare(bioexp, tmp_path: Path) -> None:
