@@ -39,7 +39,7 @@ class Diverged(RuntimeError):
 
     `epoch` counts from 1; `step` is the global optimiser step (as in metrics.jsonl), or None
     when only the end of the epoch is known. `layers` names the local-rule layers whose weights
-    are no longer finite, when that is the cause.
+    or outputs are no longer finite, when that is the cause.
     """
 
     def __init__(self, phase: str, epoch: int, step: int | None, layers: Sequence[str] = ()):
@@ -52,6 +52,11 @@ class Diverged(RuntimeError):
         self.phase, self.epoch, self.step, self.layers = phase, epoch, step, list(layers)
 
 
+def holds_nonfinite(module: nn.Module) -> bool:
+    """Whether any tensor of the module's state (weights, buffers) has a NaN or infinity."""
+    return not all(torch.isfinite(t).all() for t in module.state_dict().values())
+
+
 def broken_local_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
     """Names (as in `named_modules`) of local layers whose weights, or whose output for the
     batch `x`, hold a NaN or infinite value."""
@@ -60,8 +65,7 @@ def broken_local_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
     broken: list[str] = []
 
     def check(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        tensors = [output, *layer.state_dict().values()]
-        if not all(torch.isfinite(t).all() for t in tensors):
+        if holds_nonfinite(layer) or not torch.isfinite(output).all():
             broken.append(names[layer])
 
     handles = [layer.register_forward_hook(check) for layer in names]
@@ -166,9 +170,8 @@ def unsupervised_epoch(model: nn.Module, split: Split, phase: Phase, epoch: int,
         for x, _ in split.batches(phase.batch_size, generator):
             body(x)
             bar.update()
-    for layer in local_layers(body):
-        if not all(torch.isfinite(t).all() for t in layer.state_dict().values()):
-            raise Diverged(phase.name, epoch + 1, None)
+    if any(holds_nonfinite(layer) for layer in local_layers(body)):
+        raise Diverged(phase.name, epoch + 1, None)
 
 
 def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],

@@ -14,6 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     """Loss and accuracy per supervised epoch (train, validation, test) in two panels."""
     rows = [r for r in rows if r.get("phase") == "supervised" and r.get("epoch", 0) > 0]
@@ -33,10 +40,7 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -56,10 +60,7 @@ def plot_alignment(rows: list[dict], path: Path, title: str = "") -> Path | None
            title=title or "alignment with backprop")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -95,10 +96,7 @@ def plot_receptive_fields(weights: torch.Tensor, input_shape: Sequence[int], pat
     heading = f"receptive fields of {n} of {len(weights)} units"
     heading += " (channels side by side)" if channels > 1 else ""
     ax.set_title(f"{title}\n{heading}" if title else heading)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -111,8 +109,5 @@ def plot_win_counts(wins: torch.Tensor, path: Path, title: str = "") -> Path:
     ax.set(xlabel="samples won by the unit (all phase-1 epochs)", ylabel="hidden units",
            title=(f"{title}\n" if title else "") + f"{dead} of {len(counts)} units never won")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return path

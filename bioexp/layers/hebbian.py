@@ -17,9 +17,10 @@ from bioexp.layers.local import LocalLayer
 from bioexp.rules.hebbian import HebbianRule
 
 
-def unit_columns(w: torch.Tensor) -> torch.Tensor:
-    """`w` with every column scaled to unit Euclidean norm (all-zero columns stay zero)."""
-    return w / w.norm(dim=0, keepdim=True).clamp_min(1e-12)
+def normalize_columns_(w: torch.Tensor) -> torch.Tensor:
+    """Scale every column of `w` to unit Euclidean norm, in place (all-zero columns stay
+    zero); returns `w`."""
+    return w.div_(w.norm(dim=0, keepdim=True).clamp_min_(1e-12))
 
 
 class HebbianLinear(LocalLayer):
@@ -30,7 +31,7 @@ class HebbianLinear(LocalLayer):
         super().__init__()
         bound = 1 / math.sqrt(in_features)  # nn.Linear's default range
         w = torch.empty(in_features, out_features).uniform_(-bound, bound)
-        self.register_buffer("weight", unit_columns(w) if normalize else w)
+        self.register_buffer("weight", normalize_columns_(w) if normalize else w)
         self.rule = rule
         self.activation = activation if activation is not None else nn.Identity()
         self.normalize = normalize
@@ -47,7 +48,7 @@ class HebbianLinear(LocalLayer):
         dw, state = self.rule(x, y, self.weight, state)
         self.weight.add_(dw, alpha=lr)
         if self.normalize:
-            self.weight.div_(self.weight.norm(dim=0, keepdim=True).clamp_min_(1e-12))
+            normalize_columns_(self.weight)
         for key, value in state.items():
             setattr(self, f"rule_{key}", value)  # rebinds the buffer; no copy
 

@@ -26,7 +26,7 @@ from torch import nn
 from bioexp.errors import ConfigError
 from bioexp.layers.feedback import FALinear
 from bioexp.layers.krotov import KrotovInit, KrotovLayer, UnitNorm, UnitRows
-from bioexp.models.base import Classifier, check_sizes
+from bioexp.models.base import Classifier, check_sizes, make_activation
 from bioexp.models.baselines import mlp_layers
 from bioexp.registry import register_model
 
@@ -102,9 +102,7 @@ def head_input(body: nn.Sequential, unit_rows: bool) -> list[nn.Module]:
 
 
 def feature_activation(name: str, n: float) -> nn.Module:
-    if name == "relu_power":
-        return ReluPower(n)
-    return nn.ReLU() if name == "relu" else nn.Identity()
+    return ReluPower(n) if name == "relu_power" else make_activation(name)
 
 
 def _fc_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: float, k: int,
