@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from bioexp import __version__
 from bioexp.errors import BioexpError
@@ -90,7 +91,7 @@ def data_command(args: Sequence[str]) -> None:
 
 
 def compare_command(args: Sequence[str]) -> None:
-    from bioexp.compare import find_runs, group_rows, markdown_table, run_rows, sort_rows, write_csv
+    from bioexp import compare
 
     parser = argparse.ArgumentParser(prog="bioexp compare", description=COMMANDS["compare"])
     parser.add_argument("folders", nargs="+", help="run folders, or folders to search for runs")
@@ -98,34 +99,66 @@ def compare_command(args: Sequence[str]) -> None:
                         help="comma-separated keys to group by (model, data, schedule, or any "
                              "dotted config key); groups show mean, std and count")
     parser.add_argument("--metric", default="test_acc",
-                        help="summary.json field that --by aggregates (default test_acc)")
+                        help="summary.json field that --by and --plot aggregate (default "
+                             "test_acc; val_acc, best_test_acc, wall_time_s, ...)")
     parser.add_argument("--sort", default=None,
                         help="column to sort by (numbers largest first), e.g. test_acc")
     parser.add_argument("--md", default=None, help="also write the table to this Markdown file")
-    parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    parser.add_argument("--csv", default=None,
+                        help="also write the table to this CSV file (full precision)")
+    parser.add_argument("--plot", default=None,
+                        help="also draw learning curves per group and a bar chart of the final "
+                             "metric into this image file (.png, .pdf, .svg)")
+    parser.add_argument("--width", type=int, default=100,
+                        help="fit the printed table to this many columns (default 100)")
     opts = parser.parse_args(args)
     runs = []
     for folder in opts.folders:
         path = Path(folder)
         if not path.is_dir():
             _fail(f"{folder} is not a folder")
-        found = find_runs(path)
+        found = compare.find_runs(path)
         if not found:
-            _fail(f"no runs (folders with summary.json) under {folder}")
+            _fail(f"no runs (folders with summary.json or .hydra/config.yaml) under {folder}")
         runs += found
-    by = [key.strip() for key in opts.by.split(",")] if opts.by else []
-    header, rows = group_rows(runs, by, opts.metric) if by else run_rows(runs)
+    by = [key.strip() for key in opts.by.split(",") if key.strip()] if opts.by else []
+    table = compare.group_table(runs, by, opts.metric) if by else compare.run_table(runs)
     if opts.sort:
         try:
-            rows = sort_rows(header, rows, opts.sort)
+            table = compare.sort_table(table, opts.sort)
         except ValueError as exc:
             _fail(f"--sort: {exc}")
-    table = markdown_table(header, rows)
-    print(table)
+    print(compare.text_table(table, opts.width), flush=True)
     if opts.md:
-        Path(opts.md).write_text(table + "\n")
+        _write(opts.md, lambda path: path.write_text(compare.markdown_table(table) + "\n"))
     if opts.csv:
-        write_csv(Path(opts.csv), header, rows)
+        _write(opts.csv, lambda path: compare.write_csv(path, table))
+    if opts.plot:
+        _write(opts.plot, lambda path: _plot_comparison(compare, runs, by, opts.metric, path))
+
+
+def _write(name: str, write: Callable[[Path], object]) -> None:
+    """Write an output file through `write`, or fail with one line that names it."""
+    path = Path(name)
+    try:
+        write(path)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot write {name}: {getattr(exc, 'strerror', None) or exc}")
+    print(f"wrote {name}", file=sys.stderr)
+
+
+def _plot_comparison(compare: ModuleType, runs: list, by: list[str], metric: str,
+                     path: Path) -> None:
+    from bioexp.plots import plot_comparison
+
+    groups = compare.plot_groups(runs, by)
+    curve_metric = metric if metric in ("test_acc", "val_acc", "train_acc") else "test_acc"
+    curves = {label: [compare.learning_curve(r, curve_metric) for r in members if r.completed]
+              for label, members in groups.items()}
+    finals = {label: [v for v in (r.number(metric) for r in members if r.completed)
+                      if v is not None] for label, members in groups.items()}
+    plot_comparison(curves, finals, path, metric=metric,
+                    title=f"{len(runs)} runs in {len(groups)} groups")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,26 +1,40 @@
-"""Run folders side by side: find runs under a folder and tabulate what varies and what they scored.
+"""Run folders side by side: find runs, tabulate what varies, what they scored and what they cost.
 
-A run is a folder with `summary.json`. Its overrides (`.hydra/overrides.yaml`) are compared
-across the runs, and only the ones that differ become columns, so a sweep's table shows exactly
-what the sweep varied. Runs that failed, diverged, were interrupted or are still running keep
-their row with their status.
+A run is a folder with `summary.json` or `.hydra/config.yaml` (a job that died before writing
+its summary). Overrides (`.hydra/overrides.yaml`) are compared across the runs and only the ones
+that differ become columns, so a sweep's table shows exactly what the sweep varied. Runs that
+failed, diverged, were interrupted or are still running keep their row with their status.
+
+Tables are built from raw values (`Table`) and rendered three ways: plain text fitted to a
+terminal width, Markdown, and CSV (full precision). This module imports neither torch nor
+matplotlib, so `bioexp compare` starts fast.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import statistics
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bioexp.records import read_json
+from bioexp.records import read_json, read_metrics
 
 SUMMARY = "summary.json"
+GROUPS = ("model", "data", "schedule")  # config groups shown as columns
+PHASE_LABELS = {"unsupervised": "unsup", "supervised": "sup"}
+# Accuracy columns of the per-run table -> their summary.json fields.
+ACCURACY_COLUMNS = {"final": "test_acc", "best": "best_test_acc", "val": "val_acc"}
+NO_SUMMARY = "no summary"  # a job folder whose run never wrote summary.json
+SKIP_DIRS = {".hydra", "checkpoints", "plots", ".submitit"}  # never hold runs
+# LibYAML's loader is several times faster than the pure-Python one; both give the same result.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -30,12 +44,29 @@ class Run:
     overrides: tuple[str, ...]
     config: dict[str, Any]  # .hydra/config.yaml flattened to dotted keys
 
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status", NO_SUMMARY))
+
     def value(self, key: str) -> Any:
         """A config group's choice (`model`, `data`, `schedule`), any dotted config key, or a
         summary.json field."""
-        if key in ("model", "data", "schedule"):
+        if key in GROUPS:
             return self.config.get(f"{key}.name", self.summary.get(key))
         return self.config[key] if key in self.config else self.summary.get(key)
+
+    def number(self, key: str) -> float | None:
+        """A summary.json field as a float, None when absent or not a number."""
+        value = self.summary.get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def phase(self, name: str) -> dict[str, Any]:
+        """The summary's record of one phase (wall time, samples/s, peak memory), or {}."""
+        return next((p for p in self.summary.get("phases") or [] if p.get("name") == name), {})
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -54,23 +85,34 @@ def _natural_key(path: Path) -> list[Any]:
 
 def find_runs(root: Path) -> list[Run]:
     """Every run folder at or under `root`, in natural order of their paths."""
-    folders = sorted({p.parent for p in Path(root).rglob(SUMMARY)}, key=_natural_key)
-    return [read_run(folder) for folder in folders]
+    folders = []
+    for folder, dirs, files in os.walk(root):
+        if SUMMARY in files or os.path.isfile(os.path.join(folder, ".hydra", "config.yaml")):
+            folders.append(Path(folder))
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+    return [read_run(folder) for folder in sorted(folders, key=_natural_key)]
+
+
+def _load_yaml(path: Path) -> Any:
+    with open(path) as f:
+        return yaml.load(f, Loader=_LOADER)
 
 
 def read_run(folder: Path) -> Run:
-    try:
-        summary = read_json(folder / SUMMARY)
-    except (OSError, ValueError):
-        summary = {"status": "unreadable"}
+    summary: dict[str, Any] = {}
+    if (folder / SUMMARY).exists():
+        try:
+            summary = read_json(folder / SUMMARY)
+        except (OSError, ValueError):
+            summary = {"status": "unreadable"}
     hydra_dir = folder / ".hydra"
     overrides, config = [], {}
     try:
         if (hydra_dir / "overrides.yaml").is_file():
-            overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
+            overrides = _load_yaml(hydra_dir / "overrides.yaml") or []
         if (hydra_dir / "config.yaml").is_file():
-            config = _flatten(yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {})
-    except yaml.YAMLError:
+            config = _flatten(_load_yaml(hydra_dir / "config.yaml") or {})
+    except (OSError, yaml.YAMLError):
         pass  # a damaged .hydra folder: the run is still listed, from summary.json alone
     return Run(folder, summary, tuple(overrides), config)
 
@@ -83,31 +125,6 @@ def varying_overrides(runs: list[Run]) -> list[dict[str, str]]:
     return [{k: p.get(k, "") for k in varying} for p in parsed]
 
 
-def _fmt(value: Any, digits: int) -> str:
-    if value is None:
-        return ""
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-COLUMNS = (("status", 0), ("test_acc", 4), ("best_test_acc", 4), ("wall_time_s", 1))
-
-
-def run_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): run folder, the varying overrides, status, accuracies, wall time."""
-    varying = varying_overrides(runs)
-    keys = list(varying[0]) if varying else []
-    header = ["run", *keys, *(name for name, _ in COLUMNS)]
-    names = run_names(runs)
-    rows = [[name, *(v[k] for k in keys),
-             *(_fmt(run.summary.get(name), digits) for name, digits in COLUMNS)]
-            for name, run, v in zip(names, runs, varying, strict=True)]
-    return header, rows
-
-
-def runs_table(runs: list[Run]) -> str:
-    return markdown_table(*run_rows(runs))
-
-
 def run_names(runs: list[Run]) -> list[str]:
     """Each run's path relative to the folder that holds them all (its name if alone)."""
     if len(runs) < 2:
@@ -116,52 +133,270 @@ def run_names(runs: list[Run]) -> list[str]:
     return [str(run.path.resolve().relative_to(common)) or run.path.name for run in runs]
 
 
-def group_rows(runs: list[Run], by: list[str], metric: str = "test_acc"
-               ) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) with one row per distinct value of the `by` keys: the mean, standard
-    deviation and count of `metric` over the group's completed runs, and every status seen."""
-    groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(tuple(str(run.value(k)) for k in by), []).append(run)
-    header = [*by, f"{metric} mean", "std", "n", "statuses"]
+# ----------------------------------------------------------------------------------------------
+# Tables of raw values
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[Any]]  # raw values: str, int, float or None
+    shared: dict[str, str] = field(default_factory=dict)  # group -> value common to every run
+
+    def column(self, name: str) -> list[Any]:
+        i = self.header.index(name)
+        return [row[i] for row in self.rows]
+
+
+def _phases(runs: list[Run]) -> list[str]:
+    """Phase names that any run recorded, phase 1 first."""
+    names = {p.get("name") for run in runs for p in run.summary.get("phases") or []}
+    return [n for n in (*PHASE_LABELS, *sorted(n for n in names if n not in PHASE_LABELS))
+            if n in names]
+
+
+def _peak(run: Run, key: str) -> float | None:
+    values = [p[key] for p in run.summary.get("phases") or [] if p.get(key) is not None]
+    return max(values) if values else None
+
+
+def _cost_columns(runs: list[Run]) -> list[tuple[str, Any]]:
+    """(header, run -> value) for wall time, each phase's training samples per second (`unsup/s`,
+    `sup/s`) and the peak memory of the most demanding phase."""
+    columns: list[tuple[str, Any]] = [("time s", lambda r: r.number("wall_time_s"))]
+    for name in _phases(runs):
+        columns.append((f"{PHASE_LABELS.get(name, name)}/s",
+                        lambda r, n=name: r.phase(n).get("samples_per_s")))
+    columns.append(("rss MB", lambda r: _peak(r, "peak_rss_mb")))
+    if any(_peak(r, "cuda_peak_mb") is not None for r in runs):
+        columns.append(("cuda MB", lambda r: _peak(r, "cuda_peak_mb")))
+    return columns
+
+
+def run_table(runs: list[Run]) -> Table:
+    """One row per run: its name, config groups, varying overrides, status, accuracies (final
+    and best test accuracy, final validation accuracy) and costs."""
+    varying = varying_overrides(runs)
+    keys = [k for k in (varying[0] if varying else {}) if k not in GROUPS]
+    scores = [c for c in ACCURACY_COLUMNS
+              if c != "val" or any(r.number("val_acc") is not None for r in runs)]
+    costs = _cost_columns(runs)
+    header = ["run", *GROUPS, *keys, "status", *scores, *(name for name, _ in costs)]
+    rows = []
+    for name, run, v in zip(run_names(runs), runs, varying, strict=True):
+        rows.append([name, *(run.value(g) for g in GROUPS), *(v[k] for k in keys), run.status,
+                     *(run.number(ACCURACY_COLUMNS[c]) for c in scores),
+                     *(get(run) for _, get in costs)])
+    return Table(header, rows)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def group_table(runs: list[Run], by: list[str], metric: str = "test_acc") -> Table:
+    """One row per distinct value of the `by` keys: mean, standard deviation and count of
+    `metric` over the group's completed runs, their mean costs, and every status seen."""
+    groups = group_runs(runs, by)
+    costs = _cost_columns(runs)
+    header = [*by, f"{metric} mean", "std", "n", *(name for name, _ in costs), "statuses"]
     rows = []
     for key, members in groups.items():
-        values = [float(r.summary[metric]) for r in members
-                  if r.summary.get("status") == "completed" and r.summary.get(metric) is not None]
+        done = [r for r in members if r.completed]
+        values = [v for v in (r.number(metric) for r in done) if v is not None]
         mean = statistics.fmean(values) if values else None
         std = statistics.stdev(values) if len(values) > 1 else None
-        statuses = sorted({str(r.summary.get("status")) for r in members})
-        rows.append([*key, _fmt(mean, 4), _fmt(std, 4), str(len(values)), ", ".join(statuses)])
-    return header, rows
+        counts = Counter(r.status for r in members)
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        rows.append([*key, mean, std, len(values), *(_mean([get(r) for r in done]) for _, get in
+                                                     costs), statuses])
+    return Table(header, rows)
 
 
-def sort_rows(header: list[str], rows: list[list[str]], column: str) -> list[list[str]]:
+def group_runs(runs: list[Run], by: list[str]) -> dict[tuple[str, ...], list[Run]]:
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(str(run.value(k)) for k in by), []).append(run)
+    return groups
+
+
+def sort_table(table: Table, column: str) -> Table:
     """Rows by `column`, numbers largest first, then text in order; empty cells last."""
-    if column not in header:
-        raise ValueError(f"no column {column!r}; columns: {', '.join(header)}")
-    i = header.index(column)
+    i = find_column(table.header, column)
 
-    def key(row: list[str]) -> tuple:
+    def key(row: list[Any]) -> tuple:
         cell = row[i]
-        try:
-            return (0, -float(cell), "")
-        except ValueError:
-            return (1 if cell else 2, 0.0, cell)
+        number = _as_number(cell)
+        if number is not None:
+            return (0, -number, "")
+        return (1 if cell not in (None, "") else 2, 0.0, str(cell or ""))
 
-    return sorted(rows, key=key)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    return Table(table.header, sorted(table.rows, key=key), table.shared)
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+def _as_number(cell: Any) -> float | None:
+    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        return float(cell) if math.isfinite(cell) else None
+    try:
+        return float(cell)
+    except (TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _cell(value: Any, column: str) -> str:
+    """A raw value as the table shows it: accuracies to 4 places, seconds to 0.1, throughput
+    and memory compact (12.3k), long numbers from overrides to 4 significant digits."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        text = str(value)
+        number = _as_number(text) if len(text) > 8 else None
+        return f"{number:.4g}" if number is not None else text
+    if column.endswith("/s"):
+        return _compact(value)
+    if column.endswith(" s"):
+        return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+    if column.endswith("MB"):
+        return f"{value:.0f}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _compact(value: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _cells(table: Table) -> tuple[list[str], list[list[str]]]:
+    return table.header, [[_cell(v, c) for v, c in zip(row, table.header, strict=True)]
+                          for row in table.rows]
+
+
+def without_shared_groups(table: Table) -> Table:
+    """Move config-group columns that hold one value in every row into `shared`."""
+    keep, shared = [], dict(table.shared)
+    for i, name in enumerate(table.header):
+        values = {str(row[i]) for row in table.rows}
+        if name in GROUPS and len(values) == 1 and table.rows:
+            value = values.pop()
+            if value != "None":  # runs without a config say nothing about their groups
+                shared[name] = value
+        else:
+            keep.append(i)
+    return Table([table.header[i] for i in keep], [[row[i] for i in keep] for row in table.rows],
+                 shared)
+
+
+def markdown_table(table: Table) -> str:
+    header, rows = _cells(table)
+    widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def short_headers(header: list[str]) -> list[str]:
+    """Dotted keys shortened to their shortest suffix that no other column ends with:
+    `schedule.unsupervised.lr` -> `lr`, or `unsupervised.lr` when `supervised.lr` is there too."""
+    short = []
+    for name in header:
+        parts = name.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            clash = any(other != name and (other == suffix or other.endswith("." + suffix))
+                        for other in header)
+            if not clash:
+                break
+        short.append(suffix)
+    return short
+
+
+def find_column(header: list[str], name: str) -> int:
+    """The index of column `name`, given in full or as its short form; ValueError otherwise."""
+    for names in (header, short_headers(header)):
+        if name in names:
+            return names.index(name)
+    raise ValueError(f"no column {name!r}; columns: {', '.join(short_headers(header))}")
+
+
+MIN_TEXT_WIDTH = 5  # a cut run name keeps its job number: `12_k…`
+
+
+def text_table(table: Table, width: int = 100) -> str:
+    """Columns separated by two spaces, fitted to `width` characters where it can be: headers
+    are shortened, config groups shared by every run move to a first line, and the widest text
+    cells (run names, override values) are cut short with '…'. Numbers are never cut."""
+    shared = without_shared_groups(table)
+    header, rows = _cells(shared)
+    header = short_headers(header)
+    numeric = [all(_as_number(row[i]) is not None for row in shared.rows
+                   if row[i] not in (None, "")) for i in range(len(header))]
+    fixed = [numeric[i] or name in ("status", "statuses") for i, name in enumerate(header)]
+    widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
+
+    def total() -> int:
+        return sum(widths) + 2 * (len(widths) - 1)
+
+    while total() > width:
+        shrinkable = [i for i, w in enumerate(widths) if not fixed[i] and w > MIN_TEXT_WIDTH]
+        if not shrinkable:
+            break
+        i = max(shrinkable, key=lambda j: widths[j])
+        widths[i] = max(MIN_TEXT_WIDTH, widths[i] - (total() - width))
+
+    def fit(text: str, w: int) -> str:
+        return text if len(text) <= w else text[:w - 1] + "…"
+
+    def line(cells: list[str]) -> str:
+        parts = [fit(c, w).rjust(w) if numeric[i] else fit(c, w).ljust(w)
+                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(parts).rstrip()
+
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    if shared.shared:
+        lines.insert(0, "every run: " + ", ".join(f"{k}={v}" for k, v in shared.shared.items()))
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, table: Table) -> None:
+    """The table with raw values: full precision, empty cells for missing values."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(table.header)
+        writer.writerows([["" if v is None else v for v in row] for row in table.rows])
+
+
+def runs_table(runs: list[Run]) -> str:
+    """The Markdown table of a multirun's jobs (a sweep folder's runs.md)."""
+    return markdown_table(without_shared_groups(run_table(runs)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data for the comparison figure
+
+
+def plot_groups(runs: list[Run], by: list[str]) -> dict[str, list[Run]]:
+    """Label -> runs: the `by` groups, or else runs that differ only in their seed together."""
+    if by:
+        return {", ".join(key): members for key, members in group_runs(runs, by).items()}
+    groups: dict[str, list[Run]] = {}
+    for run, varying in zip(runs, varying_overrides(runs), strict=True):
+        label = ", ".join(f"{k}={v}" for k, v in varying.items() if k != "seed")
+        groups.setdefault(label or str(run.value("model")), []).append(run)
+    return groups
+
+
+def learning_curve(run: Run, metric: str = "test_acc") -> list[tuple[int, float]]:
+    """(supervised epoch, metric) for every evaluation the run logged."""
+    rows = read_metrics(run.path / "metrics.jsonl")
+    return [(r["epoch"], r[metric]) for r in rows
+            if r.get("phase") == "supervised" and r.get("epoch", 0) > 0
+            and isinstance(r.get(metric), (int, float))]

@@ -27,6 +27,7 @@ from bioexp.cache import Phase1Cache
 from bioexp.data import Dataset, Split
 from bioexp.feedback.alignment import alignment_angles
 from bioexp.layers import LocalLayer
+from bioexp.memory import PeakMemory
 from bioexp.records import RunRecorder
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ def precompute(body: nn.Module, split: Split, batch_size: int) -> Split:
 @dataclass
 class FitResult:
     test_acc: float | None = None
+    val_acc: float | None = None  # final validation accuracy when data.val_size > 0
     best_test_acc: float | None = None
     best_epoch: int | None = None
     phases: list[dict] | None = None
@@ -286,10 +288,13 @@ def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecor
     locals_ = local_layers(model)
     unsup, sup = schedule.unsupervised, schedule.supervised
 
+    memory = PeakMemory(data.train.x.device)
+
     def record_phase(phase: Phase, seconds: float, samples: int) -> None:
         result.phases.append({"name": phase.name, "epochs": phase.epochs,
                               "wall_time_s": round(seconds, 3),
-                              "samples_per_s": round(samples / seconds, 1) if seconds else None})
+                              "samples_per_s": round(samples / seconds, 1) if seconds else None,
+                              **memory.read()})
 
     if schedule.name == "two_phase" and not locals_:
         log.info("phase 1 (unsupervised) skipped: the model has no local-rule layers")
@@ -303,6 +308,7 @@ def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecor
         log.info("phase 1 (unsupervised): %d epochs, %d local layers", unsup.epochs, len(locals_))
         phase1_generator = torch.Generator().manual_seed(seed + 1)
         phase_start = time.perf_counter()
+        memory.start()
         for epoch in range(unsup.epochs):
             t0 = time.perf_counter()
             unsupervised_epoch(model, data.train, unsup, epoch, phase1_generator, progress)
@@ -323,6 +329,9 @@ def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecor
             result.phase1_cache_hit = False
 
     # Phase 2 (or the only phase): the optimiser trains every parameter that requires grad.
+    # Its cost includes computing a frozen body's features.
+    phase_start = time.perf_counter()
+    memory.start()
     train, test, val, forward = data.train, data.test, data.val, model
     body = frozen_body(model) if not (schedule.name == "one_phase" and locals_) else None
     if body is not None:
@@ -349,7 +358,6 @@ def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecor
     one_phase_local = schedule.name == "one_phase" and locals_
     if one_phase_local:
         log.info("one phase: %d local layers learn during the supervised epochs", len(locals_))
-    phase_start = time.perf_counter()
     for epoch in range(sup.epochs):
         t0 = time.perf_counter()
         # In one phase, the local rate follows its own schedule over the supervised epochs.
@@ -375,7 +383,7 @@ def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecor
             raise Diverged(sup.name, epoch + 1, step)
         if result.best_test_acc is None or row["test_acc"] > result.best_test_acc:
             result.best_test_acc, result.best_epoch = row["test_acc"], epoch + 1
-        result.test_acc = row["test_acc"]
+        result.test_acc, result.val_acc = row["test_acc"], row.get("val_acc")
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
                  epoch + 1, sup.epochs, train_loss, train_acc, row["test_loss"], row["test_acc"],
                  seconds)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -109,5 +113,57 @@ def plot_win_counts(wins: torch.Tensor, path: Path, title: str = "") -> Path:
     ax.set(xlabel="samples won by the unit (all phase-1 epochs)", ylabel="hidden units",
            title=(f"{title}\n" if title else "") + f"{dead} of {len(counts)} units never won")
     ax.grid(alpha=0.3)
+    _save(fig, path)
+    return path
+
+
+def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
+                    finals: dict[str, list[float]], path: Path, metric: str = "test_acc",
+                    title: str = "") -> Path:
+    """Two panels: each group's learning curve (mean over its runs, shaded +- one standard
+    deviation where it has several), and a bar per group of its final `metric` (mean, with the
+    standard deviation as an error bar and the number of completed runs under the bar)."""
+    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(13, 4.8),
+                                           gridspec_kw={"width_ratios": [3, 2]})
+    colors = plt.get_cmap("tab10")
+    for i, (label, runs) in enumerate(curves.items()):
+        by_epoch: dict[int, list[float]] = {}
+        for curve in runs:
+            for epoch, value in curve:
+                by_epoch.setdefault(epoch, []).append(value)
+        if not by_epoch:
+            continue
+        epochs = sorted(by_epoch)
+        mean = np.array([np.mean(by_epoch[e]) for e in epochs])
+        std = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0
+                        for e in epochs])
+        ax_curve.plot(epochs, mean, marker="o", markersize=3, color=colors(i % 10),
+                      label=f"{label} (n={len(runs)})")
+        ax_curve.fill_between(epochs, mean - std, mean + std, color=colors(i % 10), alpha=0.2)
+    ax_curve.set(xlabel="supervised epoch", ylabel=metric,
+                 title=f"{metric} per epoch (mean; shaded: one standard deviation)")
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_curve.grid(alpha=0.3)
+    if ax_curve.lines:
+        ax_curve.legend(fontsize="small")
+
+    labels = list(finals)
+    means = [float(np.mean(v)) if v else 0.0 for v in finals.values()]
+    stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in finals.values()]
+    bars = ax_bar.bar(range(len(labels)), means, yerr=stds, capsize=4,
+                      color=[colors(i % 10) for i in range(len(labels))])
+    for bar, values, std in zip(bars, finals.values(), stds, strict=True):
+        text = f"{np.mean(values):.3f}\nn={len(values)}" if values else "no completed run"
+        ax_bar.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + std),
+                        ha="center", va="bottom", fontsize="small", xytext=(0, 2),
+                        textcoords="offset points")
+    ax_bar.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0,
+                      ha="right" if len(labels) > 3 else "center", fontsize="small")
+    top = max((m + s for m, s in zip(means, stds, strict=True)), default=0.0) * 1.2 or 1.0
+    ax_bar.set(ylabel=f"final {metric}", title=f"final {metric} per group",
+               ylim=(0, min(top, 1.1) if metric.endswith("acc") else top))
+    ax_bar.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title)
     _save(fig, path)
     return path

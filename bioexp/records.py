@@ -16,8 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoints/last.pt"
@@ -97,4 +95,6 @@ class RunRecorder:
         write_json(self.summary_path, self.summary)
 
     def save_checkpoint(self, state: dict) -> None:
+        import torch  # here, so that reading run folders (bioexp compare) does not load torch
+
         atomic_write(self.checkpoint_path, lambda f: torch.save(state, f), binary=True)

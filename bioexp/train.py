@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import bioexp
 from bioexp.cache import Phase1Cache, phase1_key
-from bioexp.compare import find_runs, runs_table
+from bioexp.compare import find_runs, run_table, runs_table, text_table
 from bioexp.config import config_dir, validate
 from bioexp.data import load_dataset
 from bioexp.engine import Diverged, Schedule, fit, local_layers
@@ -136,6 +136,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                    if k not in MODEL_META_KEYS}
         check_hyperparameters(cfg.model.name, hparams)
         device = resolve_device(cfg.device)
+        if cfg.get("threads") is not None:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         data = load_dataset(cfg.data, cfg.model.input_scale, device)
         input_shape = data.input_shape
@@ -168,6 +170,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         elif has_phase1(model, schedule):
             recorder.update_summary(phase1_cache={"status": "off"})
         recorder.update_summary(status="completed", test_acc=result.test_acc,
+                                **({"val_acc": result.val_acc} if result.val_acc is not None
+                                   else {}),
                                 best_test_acc=result.best_test_acc, best_epoch=result.best_epoch,
                                 phases=result.phases)
         log.info("completed: test accuracy %.4f (best %.4f at epoch %s)", result.test_acc,
@@ -248,14 +252,13 @@ class SweepTable(Callback):
         runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []
         if not runs:
             return
-        table = runs_table(runs)
-        atomic_write(sweep_dir / "runs.md", lambda f: f.write(table + "\n"))
-        log.info("%d runs in %s:\n%s", len(runs), sweep_dir, table)
+        atomic_write(sweep_dir / "runs.md", lambda f: f.write(runs_table(runs) + "\n"))
+        log.info("%d runs in %s:\n%s", len(runs), sweep_dir, text_table(run_table(runs)))
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the final test accuracy (NaN when the run did not complete)."""
+    """Hydra entry point; returns `objective(summary)` (NaN when the run did not complete)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -276,4 +279,11 @@ def main(cfg: DictConfig) -> float:
         FAILED_JOBS.append(str(run_dir))
         return float("nan")
     log.info("run folder: %s", run_dir)
-    return float(summary["test_acc"])
+    return objective(summary)
+
+
+def objective(summary: dict[str, Any]) -> float:
+    """What a sweeper (Optuna) maximises: the final validation accuracy when the run held out a
+    validation split (`data.val_size`), else the final test accuracy."""
+    return float(summary["val_acc"] if summary.get("val_acc") is not None
+                 else summary["test_acc"])

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import TINY, output_of
 
-from bioexp.compare import find_runs, runs_table, varying_overrides
-from bioexp.records import read_json, write_json
+from bioexp.records import read_json
 
 SPLITS = {  # 784-1000-2000-4000-2000-10 as Hebbian + fully connected layers
     "h1_fc4": ([1000], [2000, 4000, 2000]),
@@ -43,28 +40,6 @@ def test_sweep_recipes_are_multiruns(make_cfg) -> None:
     assert cfg.hydra.sweeper.params["model.sparsity"] == "range(10,100,10)"
     seeds = make_cfg("model=fa_mlp", "sweep=seeds", hydra=True)
     assert seeds.model.name == "fa_mlp" and seeds.hydra.sweeper.params.seed == "range(5)"
-
-
-def fake_run(folder: Path, overrides: list[str], **summary) -> None:
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    write_json(folder / "summary.json", summary)
-
-
-def test_runs_table_shows_what_varies_and_keeps_every_status(tmp_path: Path) -> None:
-    fake_run(tmp_path / "0_a", ["model=semihebb", "model.sparsity=10"], status="completed",
-             test_acc=0.81234, best_test_acc=0.82, wall_time_s=65.43)
-    fake_run(tmp_path / "10_a", ["model=semihebb", "model.sparsity=90"], status="diverged")
-    fake_run(tmp_path / "2_a", ["model=semihebb", "model.sparsity=50"], status="running")
-    (tmp_path / "not_a_run").mkdir()
-    runs = find_runs(tmp_path)
-    assert [r.path.name for r in runs] == ["0_a", "2_a", "10_a"]  # natural order
-    assert varying_overrides(runs) == [{"model.sparsity": v} for v in ("10", "50", "90")]
-    lines = runs_table(runs).splitlines()
-    assert "model.sparsity" in lines[0] and "model=" not in lines[0]  # shared keys are dropped
-    assert len(lines) == 2 + 3
-    assert "| 0.8123 " in lines[2] and "| 65.4 " in lines[2]
-    assert "diverged" in lines[4] and "running" in lines[3]
 
 
 def test_a_sweep_recipe_runs_and_writes_its_table(bioexp, tmp_path: Path) -> None:
@@ -111,41 +86,3 @@ def test_seed_hybrid_runs_and_shares_phase_1(bioexp, tmp_path: Path) -> None:
     statuses = [read_json(p)["phase1_cache"]["status"]
                 for p in sorted(sweep.glob("*/summary.json"))]
     assert statuses == ["miss", "hit"]  # the FA head reused the linear head's phase 1
-
-
-def test_compare_groups_runs_and_keeps_failed_ones_visible(bioexp, tmp_path: Path) -> None:
-    for i, (model, seed, acc, status) in enumerate([
-            ("bp_mlp", 0, 0.80, "completed"), ("bp_mlp", 1, 0.90, "completed"),
-            ("fa_mlp", 0, 0.70, "completed"), ("fa_mlp", 1, None, "diverged")]):
-        folder = tmp_path / "sweep" / f"{i}_{model}"
-        fake_run(folder, [f"model={model}", f"seed={seed}"], status=status, test_acc=acc)
-        (folder / ".hydra" / "config.yaml").write_text(
-            yaml.safe_dump({"model": {"name": model}, "seed": seed}))
-    result = bioexp("compare", str(tmp_path / "sweep"), "--by", "model",
-                    "--md", str(tmp_path / "t.md"))
-    assert result.returncode == 0, output_of(result)
-    lines = result.stdout.splitlines()
-    bp = next(line for line in lines if "| bp_mlp" in line)
-    fa = next(line for line in lines if "| fa_mlp" in line)
-    assert "0.8500" in bp and "0.0707" in bp and "| 2 " in bp  # mean, std, count of two seeds
-    assert "0.7000" in fa and "| 1 " in fa and "completed, diverged" in fa
-    assert (tmp_path / "t.md").read_text().strip() == result.stdout.strip()
-    plain = bioexp("compare", str(tmp_path / "sweep"), "--sort", "test_acc",
-                   "--csv", str(tmp_path / "t.csv"))
-    assert plain.returncode == 0 and plain.stdout.count("\n") == 2 + 4  # every run listed
-    order = [line.split("|")[1].strip() for line in plain.stdout.splitlines()[2:]]
-    assert order == ["1_bp_mlp", "0_bp_mlp", "2_fa_mlp", "3_fa_mlp"]  # best first, empty last
-    with open(tmp_path / "t.csv") as f:
-        rows = list(csv.reader(f))
-    assert rows[0][:4] == ["run", "model", "seed", "status"] and len(rows) == 5
-    bad = bioexp("compare", str(tmp_path / "sweep"), "--sort", "nope")
-    assert bad.returncode == 2 and "--sort: no column 'nope'" in bad.stderr
-
-
-def test_compare_says_when_there_is_nothing_to_compare(bioexp, tmp_path: Path) -> None:
-    missing = bioexp("compare", str(tmp_path / "nope"))
-    assert missing.returncode == 2 and "is not a folder" in missing.stderr
-    (tmp_path / "empty").mkdir()
-    empty = bioexp("compare", str(tmp_path / "empty"))
-    assert empty.returncode == 2 and "no runs" in empty.stderr
-    assert "Traceback" not in missing.stderr + empty.stderr
