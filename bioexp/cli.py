@@ -8,6 +8,7 @@ launcher and sweeper plugins all work as documented by Hydra.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -41,7 +42,33 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+# Hydra plugins behind config choices: (override, value) -> (plugin module, pip extra).
+PLUGINS = {
+    **{("hydra/launcher", name): ("hydra_plugins.hydra_joblib_launcher", "sweep")
+       for name in ("parallel", "joblib")},
+    **{("hydra/launcher", name): ("hydra_plugins.hydra_submitit_launcher", "slurm")
+       for name in ("slurm", "submitit_local", "submitit_slurm")},
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    ("sweep", "krotov_optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+}
+
+
+def missing_plugin(args: Sequence[str]) -> str | None:
+    """A one-line error when an override asks for a Hydra plugin that is not installed."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        plugin = PLUGINS.get((key.lstrip("+~"), value))
+        if plugin and importlib.util.find_spec(plugin[0]) is None:
+            package = plugin[0].split(".")[-1].replace("_", "-")
+            return (f"{arg} needs the Hydra plugin {package}, which is not installed: "
+                    f"pip install 'bioexp[{plugin[1]}]'")
+    return None
+
+
 def train_command(args: Sequence[str]) -> None:
+    missing = missing_plugin(args)
+    if missing:
+        _fail(missing)
     sys.argv = ["bioexp train", *args]
     from bioexp.train import FAILED_JOBS
     from bioexp.train import main as hydra_main
@@ -68,7 +95,9 @@ def list_command(args: Sequence[str]) -> None:
               ("experiment", "experiment recipes (experiment=NAME)"),
               ("sweep", "sweep recipes (sweep=NAME, a multirun)"),
               ("hebbian_split", "semihebb layer splits (+hebbian_split=NAME)"),
-              ("hybrid", "the seed_hybrid comparison's models (+hybrid=NAME)"))
+              ("hybrid", "the seed_hybrid comparison's models (+hybrid=NAME)"),
+              ("hydra/launcher", "launchers (hydra/launcher=NAME; also Hydra's joblib, "
+                                 "submitit_local, submitit_slurm)"))
     for group, title in groups:
         lines += ["", *_table(title, [o for o in group_options(group) if not o[0].startswith("_")])]
     print("\n".join(lines))

@@ -40,6 +40,28 @@ def test_sweep_recipes_are_multiruns(make_cfg) -> None:
     assert cfg.hydra.sweeper.params["model.sparsity"] == "range(10,100,10)"
     seeds = make_cfg("model=fa_mlp", "sweep=seeds", hydra=True)
     assert seeds.model.name == "fa_mlp" and seeds.hydra.sweeper.params.seed == "range(5)"
+    baselines = make_cfg("experiment=baselines", hydra=True)
+    assert str(baselines.hydra.mode).endswith("MULTIRUN")
+
+
+@pytest.mark.parametrize("recipe, key", [("lr_grid", "schedule.supervised.lr"),
+                                         ("unsup_lr_grid", "schedule.unsupervised.lr")])
+def test_learning_rate_grids_pick_on_a_validation_split(make_cfg, recipe: str, key: str) -> None:
+    cfg = make_cfg("model=krotov_fc", f"sweep={recipe}", hydra=True)
+    assert cfg.model.name == "krotov_fc" and str(cfg.hydra.mode).endswith("MULTIRUN")
+    assert len(cfg.hydra.sweeper.params[key].split(",")) == 4
+    assert cfg.data.val_size == 10000
+
+
+def test_krotov_optuna_recipe_searches_the_layer_on_validation(make_cfg) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = make_cfg("sweep=krotov_optuna", hydra=True)
+    assert cfg.model.name == "krotov_fc" and cfg.data.val_size == 10000
+    assert "optuna" in cfg.hydra.sweeper._target_.lower()
+    assert cfg.hydra.sweeper.direction == "maximize"
+    assert set(cfg.hydra.sweeper.params) == {"model.p", "model.k", "model.delta",
+                                             "schedule.unsupervised.lr"}
+    assert make_cfg("sweep=krotov_optuna", "model=krotov_fa").model.name == "krotov_fa"
 
 
 def test_a_sweep_recipe_runs_and_writes_its_table(bioexp, tmp_path: Path) -> None:

@@ -1,0 +1,89 @@
+"""Hydra's launcher and sweeper plugins driving real `bioexp train` multiruns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, output_of
+
+from bioexp.records import read_json
+from bioexp.train import objective
+
+
+def _summaries(sweep: Path) -> list[dict]:
+    return [read_json(p) for p in sorted(sweep.glob("*/summary.json"))]
+
+
+def test_joblib_runs_jobs_in_parallel_processes_with_shared_cores(bioexp, tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    result = bioexp("train", "-m", "hydra/launcher=parallel", "seed=0,1", *TINY,
+                    f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, output_of(result)
+    summaries = _summaries(sweep)
+    assert [s["status"] for s in summaries] == ["completed", "completed"]
+    assert "Joblib" in output_of(result)
+    # loky gives each of the 2 workers an equal share of the machine's cores
+    from joblib import cpu_count
+
+    assert all(s["environment"]["threads"] == max(1, cpu_count() // 2) for s in summaries)
+    assert (sweep / "runs.md").read_text().count("completed") == 2
+
+
+def test_submitit_local_runs_each_job_in_its_own_process(bioexp, tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    result = bioexp("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                    "threads=1", "model=bp_mlp,fa_mlp", *TINY, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, output_of(result)
+    summaries = _summaries(sweep)
+    assert [s["model"] for s in summaries] == ["bp_mlp", "fa_mlp"]
+    assert all(s["status"] == "completed" for s in summaries)
+    assert all(s["environment"]["threads"] == 1 for s in summaries)  # threads=1 took effect
+    assert (sweep / ".submitit").is_dir()  # submitit's job records
+
+
+def test_slurm_launcher_config_carries_the_cluster_settings(make_cfg) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = make_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    assert launcher.timeout_min > 0 and launcher.array_parallelism > 0
+
+
+def test_optuna_searches_and_maximises_validation_accuracy(bioexp, tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    result = bioexp("train", "sweep=krotov_optuna", "hydra.sweeper.n_trials=3", "data.val_size=64",
+                    "model.hidden=32", "schedule.unsupervised.batch_size=64", *TINY,
+                    f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, output_of(result)
+    summaries = _summaries(sweep)
+    assert len(summaries) == 3 and all(s["status"] == "completed" for s in summaries)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"model.p", "model.k", "model.delta",
+                                        "schedule.unsupervised.lr"}
+    assert best["best_value"] == pytest.approx(max(s["val_acc"] for s in summaries))
+    trials = [yaml.safe_load((sweep / f"{i}_krotov_fc_synthetic/.hydra/overrides.yaml")
+                             .read_text()) for i in range(3)]
+    assert len({tuple(t) for t in trials}) == 3  # three different points of the space
+
+
+def test_the_sweep_objective_prefers_validation_accuracy() -> None:
+    assert objective({"test_acc": 0.8, "val_acc": 0.7}) == 0.7
+    assert objective({"test_acc": 0.8}) == 0.8
+
+
+def test_a_missing_plugin_is_named_with_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bioexp import cli
+
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    assert cli.missing_plugin(["seed=1", "hydra/launcher=parallel"]) == (
+        "hydra/launcher=parallel needs the Hydra plugin hydra-joblib-launcher, which is not "
+        "installed: pip install 'bioexp[sweep]'")
+    assert "bioexp[optuna]" in cli.missing_plugin(["sweep=krotov_optuna"])
+    assert "bioexp[slurm]" in cli.missing_plugin(["hydra/launcher=submitit_local"])
+    assert cli.missing_plugin(["model=cnn", "hydra/launcher=basic"]) is None
