@@ -65,11 +65,32 @@ def missing_plugin(args: Sequence[str]) -> str | None:
     return None
 
 
+def resume_arguments(args: Sequence[str]) -> list[str]:
+    """`resume=FOLDER` continues that run in that folder, with its own config: Hydra is told to
+    log there and to leave its .hydra files alone. Anything that would change the run is a
+    mistake, named in one line."""
+    folder = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
+    if not folder:
+        return list(args)
+    from bioexp.train import RESUME_FREE_KEYS
+
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if arg in ("-m", "--multirun"):
+            _fail("resume= continues one run; to resume a sweep, run the same multirun again "
+                  "with the same hydra.sweep.dir")
+        if not (key in RESUME_FREE_KEYS or key.startswith("hydra") or arg.startswith("-")):
+            _fail(f"resume= continues the run with its own config; drop {arg}")
+    if not Path(folder).is_dir():
+        _fail(f"resume={folder}: no such run folder")
+    return [*args, f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
+
+
 def train_command(args: Sequence[str]) -> None:
     missing = missing_plugin(args)
     if missing:
         _fail(missing)
-    sys.argv = ["bioexp train", *args]
+    sys.argv = ["bioexp train", *resume_arguments(args)]
     from bioexp.train import FAILED_JOBS
     from bioexp.train import main as hydra_main
 

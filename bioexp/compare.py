@@ -69,12 +69,12 @@ class Run:
         return self.status == "completed"
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(node, dict):
         return {prefix: node}
     flat: dict[str, Any] = {}
     for key, value in node.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
@@ -111,7 +111,7 @@ def read_run(folder: Path) -> Run:
         if (hydra_dir / "overrides.yaml").is_file():
             overrides = _load_yaml(hydra_dir / "overrides.yaml") or []
         if (hydra_dir / "config.yaml").is_file():
-            config = _flatten(_load_yaml(hydra_dir / "config.yaml") or {})
+            config = flatten(_load_yaml(hydra_dir / "config.yaml") or {})
     except (OSError, yaml.YAMLError):
         pass  # a damaged .hydra folder: the run is still listed, from summary.json alone
     return Run(folder, summary, tuple(overrides), config)

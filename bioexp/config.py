@@ -114,6 +114,7 @@ def validate(cfg: DictConfig) -> None:
     check_bool(cfg, "cache")
     check_int(cfg, "eval_batch_size", minimum=1)
     check_int(cfg, "threads", minimum=1, nullable=True)
+    check_number(cfg, "checkpoint_every_min", low=0)
 
     check_int(cfg, "data.train_limit", minimum=1, nullable=True)
     check_int(cfg, "data.test_limit", minimum=1, nullable=True)

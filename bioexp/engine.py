@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -155,34 +155,46 @@ def make_optimizer(params: list[nn.Parameter], phase: Phase) -> torch.optim.Opti
     return optimizer(params, lr=phase.lr, weight_decay=phase.weight_decay)
 
 
-def _bar(total: int, desc: str, enabled: bool) -> tqdm:
+def _bar(total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm:
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled, unit="batch",
-                dynamic_ncols=True)
+                dynamic_ncols=True, initial=initial)
+
+
+# after_batch(batches_done, partial): called after every training batch; `partial()` gives the
+# epoch's running totals so far, for a checkpoint written in the middle of the epoch.
+AfterBatch = Callable[[int, Callable[[], dict | None]], None]
 
 
 def unsupervised_epoch(model: nn.Module, split: Split, phase: Phase, epoch: int,
-                       generator: torch.Generator, progress: bool) -> None:
-    """One pass of the local rules over the training images; labels are never read."""
+                       generator: torch.Generator, progress: bool, skip: int = 0,
+                       after_batch: AfterBatch | None = None) -> None:
+    """One pass of the local rules over the training images; labels are never read. `skip`
+    resumes the epoch after that many batches of the same order."""
     lr = phase.lr_at(epoch)
     body = model.body if hasattr(model, "body") else model
     n_batches = math.ceil(len(split) / phase.batch_size)
     with local_learning(body, lambda: lr), torch.no_grad(), \
-            _bar(n_batches, f"unsupervised {epoch + 1}/{phase.epochs}", progress) as bar:
-        for x, _ in split.batches(phase.batch_size, generator):
+            _bar(n_batches, f"unsupervised {epoch + 1}/{phase.epochs}", progress, skip) as bar:
+        for done, (x, _) in enumerate(split.batches(phase.batch_size, generator, skip),
+                                      start=skip + 1):
             body(x)
             bar.update()
+            if after_batch is not None:
+                after_batch(done, lambda: None)
     if any(holds_nonfinite(layer) for layer in local_layers(body)):
         raise Diverged(phase.name, epoch + 1, None)
 
 
 def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                      optimizer: torch.optim.Optimizer, split: Split, phase: Phase, epoch: int,
-                     generator: torch.Generator, progress: bool, first_step: int = 0
+                     generator: torch.Generator, progress: bool, first_step: int = 0,
+                     partial: dict | None = None, after_batch: AfterBatch | None = None
                      ) -> tuple[float, float]:
     """One optimiser pass; returns (train loss, train accuracy). Syncs with the device once.
 
     Losses are kept per step on the device, so a NaN is found at the end of the epoch with the
-    exact step it first appeared in, without a host sync on every step.
+    exact step it first appeared in, without a host sync on every step. `partial` (from
+    `after_batch`'s totals) resumes the epoch where a checkpoint left it.
     """
     model.train()
     lr = phase.lr_at(epoch)
@@ -193,8 +205,18 @@ def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.T
     device = split.x.device
     losses = torch.zeros(n_batches, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    with _bar(n_batches, f"supervised {epoch + 1}/{phase.epochs}", progress) as bar:
-        for step, (x, y) in enumerate(split.batches(phase.batch_size, generator)):
+    skip = 0
+    if partial is not None:
+        skip = len(partial["losses"])
+        losses[:skip] = partial["losses"].to(device)
+        correct += partial["correct"]
+
+    def totals(done: int) -> dict:
+        return {"losses": losses[:done].cpu(), "correct": int(correct)}
+
+    with _bar(n_batches, f"supervised {epoch + 1}/{phase.epochs}", progress, skip) as bar:
+        for step, (x, y) in enumerate(split.batches(phase.batch_size, generator, skip),
+                                      start=skip):
             output = forward(x)
             loss = model.loss(output, y)
             optimizer.zero_grad(set_to_none=True)
@@ -205,6 +227,8 @@ def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.T
             losses[step] = loss.detach() * len(y)
             correct += (model.predict(output.detach()) == y).sum()
             bar.update()
+            if after_batch is not None:
+                after_batch(step + 1, lambda done=step + 1: totals(done))
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
         raise Diverged(phase.name, epoch + 1, first_step + int((~finite).nonzero()[0]) + 1)
@@ -252,15 +276,39 @@ class FitResult:
     val_acc: float | None = None  # final validation accuracy when data.val_size > 0
     best_test_acc: float | None = None
     best_epoch: int | None = None
-    phases: list[dict] | None = None
+    phases: list[dict] = field(default_factory=list)
     phase1_cache_hit: bool | None = None  # None when no phase-1 cache was given
+
+
+@dataclass
+class Position:
+    """Where training stands: the phase, its 0-based epoch in progress, the batches of that
+    epoch already done, and the global step at the start of the epoch."""
+
+    phase: str = "unsupervised"
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped at a batch boundary because a stop was requested (Ctrl-C, SIGTERM),
+    after writing a checkpoint of that point."""
 
 
 def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecorder, *,
         seed: int, eval_batch_size: int = 1000, progress: bool = False,
-        checkpoint: Callable[[dict], None] | None = None,
+        checkpoint: Callable[[dict], None] | None = None, checkpoint_every_s: float = 0.0,
+        stop: Callable[[], bool] | None = None, resume: dict | None = None,
         phase1_cache: Phase1Cache | None = None) -> FitResult:
-    """Run `schedule` on `model`, logging one metrics row per epoch and checkpointing each epoch.
+    """Run `schedule` on `model`, logging one metrics row per epoch.
+
+    `checkpoint(state)` receives the training state (position, batch-order generators, the
+    epoch's running totals, optimiser, result so far, RNG, time) after every epoch, every
+    `checkpoint_every_s` seconds at a batch boundary (0: never mid-epoch), and when `stop()`
+    turns true, after which Interrupted is raised. `resume=state` continues from such a state
+    (the model's weights must already be loaded) to the same result as an uninterrupted run:
+    metrics rows written after the state are dropped first.
 
     Phase 1 draws its batch order from its own generator (seed + 1), phase 2 from another
     (seed), so phase 2 is the same whether phase 1 ran or its result came from `phase1_cache`.
@@ -268,8 +316,8 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
     broke, if any; rows written so far stay on disk.
     """
     try:
-        return _fit(model, data, schedule, recorder, seed=seed, eval_batch_size=eval_batch_size,
-                    progress=progress, checkpoint=checkpoint, phase1_cache=phase1_cache)
+        return _Fit(model, data, schedule, recorder, seed, eval_batch_size, progress,
+                    checkpoint, checkpoint_every_s, stop, resume, phase1_cache).run()
     except Diverged as exc:
         if not local_layers(model):
             raise
@@ -277,118 +325,230 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         raise Diverged(exc.phase, exc.epoch, exc.step, broken) from None
 
 
-def _fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecorder, *,
-         seed: int, eval_batch_size: int, progress: bool,
-         checkpoint: Callable[[dict], None] | None,
-         phase1_cache: Phase1Cache | None) -> FitResult:
-    generator = torch.Generator().manual_seed(seed)
-    result = FitResult(phases=[])
-    start = time.perf_counter()
-    step = 0
-    locals_ = local_layers(model)
-    unsup, sup = schedule.unsupervised, schedule.supervised
+class _Fit:
+    """One call of `fit`: the schedule's loops and the state a checkpoint needs."""
 
-    memory = PeakMemory(data.train.x.device)
+    def __init__(self, model: nn.Module, data: Dataset, schedule: Schedule,
+                 recorder: RunRecorder, seed: int, eval_batch_size: int, progress: bool,
+                 checkpoint: Callable[[dict], None] | None, checkpoint_every_s: float,
+                 stop: Callable[[], bool] | None, resume: dict | None,
+                 phase1_cache: Phase1Cache | None):
+        self.model, self.data, self.schedule, self.recorder = model, data, schedule, recorder
+        self.eval_batch_size, self.progress = eval_batch_size, progress
+        self.checkpoint, self.every_s, self.stop = checkpoint, checkpoint_every_s, stop
+        self.phase1_cache = phase1_cache
+        self.generators = {"unsupervised": torch.Generator().manual_seed(seed + 1),
+                           "supervised": torch.Generator().manual_seed(seed)}
+        self.epoch_rng = self.generators["unsupervised"].get_state()
+        self.result, self.pos = FitResult(), Position()
+        self.partial: dict | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_state: dict | None = None
+        self.elapsed_before = self.phase_before = 0.0
+        self.memory = PeakMemory(data.train.x.device)
+        if resume is not None:
+            self._restore(resume)
+        self.start = self.phase_start = time.perf_counter()
+        self.last_save = time.monotonic()
 
-    def record_phase(phase: Phase, seconds: float, samples: int) -> None:
-        result.phases.append({"name": phase.name, "epochs": phase.epochs,
-                              "wall_time_s": round(seconds, 3),
-                              "samples_per_s": round(samples / seconds, 1) if seconds else None,
-                              **memory.read()})
+    # -- checkpoints
 
-    if schedule.name == "two_phase" and not locals_:
-        log.info("phase 1 (unsupervised) skipped: the model has no local-rule layers")
-    elif schedule.name == "two_phase" and unsup.epochs > 0 and phase1_cache is not None \
-            and phase1_cache.load(model.body):
-        log.info("phase 1 (unsupervised): loaded from the cache (%s)", phase1_cache.path)
-        result.phase1_cache_hit = True
-        result.phases.append({"name": unsup.name, "epochs": unsup.epochs, "cached": True})
-        step += unsup.epochs * math.ceil(len(data.train) / unsup.batch_size)  # as if it ran
-    elif schedule.name == "two_phase" and unsup.epochs > 0:
+    def _restore(self, state: dict) -> None:
+        self.pos = Position(**state["position"])
+        self.result = FitResult(**state["result"])
+        for name, rng in state["generators"].items():
+            self.generators[name].set_state(rng)
+        self.epoch_rng = self.generators[self.pos.phase].get_state()
+        self.partial, self.optimizer_state = state["partial"], state["optimizer"]
+        self.elapsed_before, self.phase_before = state["elapsed_s"], state["phase_s"]
+        self.recorder.truncate_metrics(state["metrics_rows"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        log.info("resuming: %s phase, epoch %d, after %d batches of it", self.pos.phase,
+                 self.pos.epoch + 1, self.pos.batch)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def phase_seconds(self) -> float:
+        return self.phase_before + time.perf_counter() - self.phase_start
+
+    def save(self, partial: dict | None = None) -> None:
+        """Hand the training state, as of the current position, to the checkpoint writer."""
+        self.last_save = time.monotonic()
+        if self.checkpoint is None:
+            return
+        generators = {name: (self.epoch_rng if name == self.pos.phase and self.pos.batch
+                             else g.get_state()) for name, g in self.generators.items()}
+        self.checkpoint({
+            "position": asdict(self.pos), "generators": generators, "partial": partial,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "result": asdict(self.result), "metrics_rows": len(self.recorder.rows),
+            "elapsed_s": self.elapsed(), "phase_s": self.phase_seconds(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        })
+
+    def after_batch(self, done: int, partial: Callable[[], dict | None]) -> None:
+        self.pos.batch = done
+        if self.stop is not None and self.stop():
+            self.save(partial())
+            raise Interrupted()
+        if self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s:
+            self.save(partial())
+
+    def end_of_epoch(self, phase: str, epoch: int, step: int) -> None:
+        """Move to the next epoch, write a checkpoint, and stop here if asked to."""
+        self.pos = Position(phase, epoch + 1, 0, step)
+        self.save()
+        if self.stop is not None and self.stop():
+            raise Interrupted()
+
+    def begin_phase(self, phase: str) -> None:
+        """Start the clock and the memory record of a phase (kept when resuming into it)."""
+        if self.pos.phase != phase:
+            self.pos, self.phase_before = Position(phase, 0, 0, self.pos.step), 0.0
+        self.phase_start = time.perf_counter()
+        self.memory.start()
+
+    def record_phase(self, phase: Phase, samples: int) -> None:
+        seconds = self.phase_seconds()
+        self.result.phases.append({
+            "name": phase.name, "epochs": phase.epochs, "wall_time_s": round(seconds, 3),
+            "samples_per_s": round(samples / seconds, 1) if seconds else None,
+            **self.memory.read()})
+
+    # -- the schedule
+
+    def run(self) -> FitResult:
+        schedule, locals_ = self.schedule, local_layers(self.model)
+        unsup = schedule.unsupervised
+        has_phase1 = schedule.name == "two_phase" and unsup.epochs > 0 and bool(locals_)
+        if schedule.name == "two_phase" and not locals_:
+            log.info("phase 1 (unsupervised) skipped: the model has no local-rule layers")
+        elif has_phase1 and self.pos.phase == "unsupervised":
+            self.phase1(locals_)
+        self.phase2(locals_)
+        return self.result
+
+    def phase1(self, locals_: list[LocalLayer]) -> None:
+        model, unsup, train = self.model, self.schedule.unsupervised, self.data.train
+        n_batches = math.ceil(len(train) / unsup.batch_size)
+        fresh = self.pos == Position()
+        if fresh and self.phase1_cache is not None and self.phase1_cache.load(model.body):
+            log.info("phase 1 (unsupervised): loaded from the cache (%s)", self.phase1_cache.path)
+            self.result.phase1_cache_hit = True
+            self.result.phases.append({"name": unsup.name, "epochs": unsup.epochs,
+                                       "cached": True})
+            self.pos = Position("supervised", 0, 0, unsup.epochs * n_batches)  # as if it ran
+            return
         log.info("phase 1 (unsupervised): %d epochs, %d local layers", unsup.epochs, len(locals_))
-        phase1_generator = torch.Generator().manual_seed(seed + 1)
-        phase_start = time.perf_counter()
-        memory.start()
-        for epoch in range(unsup.epochs):
-            t0 = time.perf_counter()
-            unsupervised_epoch(model, data.train, unsup, epoch, phase1_generator, progress)
+        self.begin_phase("unsupervised")
+        generator = self.generators["unsupervised"]
+        for epoch in range(self.pos.epoch, unsup.epochs):
+            self.epoch_rng = generator.get_state()
+            t0, skip = time.perf_counter(), self.pos.batch
+            unsupervised_epoch(model, train, unsup, epoch, generator, self.progress, skip,
+                               self.after_batch)
             seconds = time.perf_counter() - t0
-            step += math.ceil(len(data.train) / unsup.batch_size)
+            step = self.pos.step + n_batches
             stats = {f"{type(layer).__name__}{i}.{k}": v
                      for i, layer in enumerate(locals_) for k, v in layer.local_stats().items()}
-            recorder.log_metrics({"phase": "unsupervised", "epoch": epoch + 1, "step": step,
-                                  "lr": unsup.lr_at(epoch), "epoch_time_s": round(seconds, 4),
-                                  "samples_per_s": round(len(data.train) / seconds, 1),
-                                  "elapsed_s": round(time.perf_counter() - start, 3), **stats})
+            self.recorder.log_metrics({
+                "phase": "unsupervised", "epoch": epoch + 1, "step": step,
+                "lr": unsup.lr_at(epoch), "epoch_time_s": round(seconds, 4),
+                "samples_per_s": round(len(train) * (n_batches - skip) / n_batches / seconds, 1),
+                "elapsed_s": round(self.elapsed(), 3), **stats})
             log.info("unsupervised epoch %d/%d: %.1fs", epoch + 1, unsup.epochs, seconds)
-            if checkpoint:
-                checkpoint({"phase": "unsupervised", "epoch": epoch + 1})
-        record_phase(unsup, time.perf_counter() - phase_start, len(data.train) * unsup.epochs)
-        if phase1_cache is not None:
-            phase1_cache.save(model.body)
-            result.phase1_cache_hit = False
+            if epoch + 1 < unsup.epochs:
+                self.end_of_epoch("unsupervised", epoch, step)
+            else:
+                self.pos = Position("unsupervised", epoch + 1, 0, step)
+        self.record_phase(unsup, len(train) * unsup.epochs)
+        if self.phase1_cache is not None:
+            self.phase1_cache.save(model.body)
+            self.result.phase1_cache_hit = False
+        self.begin_phase("supervised")
+        self.end_of_epoch("supervised", -1, self.pos.step)  # checkpoint: phase 2 not begun
 
-    # Phase 2 (or the only phase): the optimiser trains every parameter that requires grad.
-    # Its cost includes computing a frozen body's features.
-    phase_start = time.perf_counter()
-    memory.start()
-    train, test, val, forward = data.train, data.test, data.val, model
-    body = frozen_body(model) if not (schedule.name == "one_phase" and locals_) else None
-    if body is not None:
-        log.info("body is frozen: computing its features once for the supervised phase")
-        train = precompute(body, train, eval_batch_size)
-        test = precompute(body, test, eval_batch_size)
-        val = precompute(body, val, eval_batch_size) if val is not None else None
-        forward = model.head
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params or sup.epochs == 0:
-        log.info("supervised phase skipped: %s", "no trainable parameters" if not params
-                 else "schedule.supervised.epochs is 0")
-        test_loss, test_acc = evaluate(model, forward, test, eval_batch_size)
-        recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": step,
-                              "test_loss": test_loss, "test_acc": test_acc,
-                              "elapsed_s": round(time.perf_counter() - start, 3)})
-        result.test_acc = result.best_test_acc = test_acc
-        return result
-    optimizer = make_optimizer(params, sup)
-    probe = slice(0, min(len(train), ALIGNMENT_BATCH))  # fixed batch for alignment angles
-    initial_angles = alignment_angles(model, forward, train.x[probe], train.y[probe])
-    if initial_angles:  # the curve's starting point: before any update, about 90 degrees
-        recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": step, **initial_angles})
-    one_phase_local = schedule.name == "one_phase" and locals_
-    if one_phase_local:
-        log.info("one phase: %d local layers learn during the supervised epochs", len(locals_))
-    for epoch in range(sup.epochs):
-        t0 = time.perf_counter()
-        # In one phase, the local rate follows its own schedule over the supervised epochs.
-        lr_local = replace(unsup, epochs=sup.epochs).lr_at(epoch)
-        learning = (local_learning(model, lambda lr=lr_local: lr) if one_phase_local
-                    else nullcontext())
-        with learning:
-            train_loss, train_acc = supervised_epoch(model, forward, optimizer, train, sup, epoch,
-                                                     generator, progress, first_step=step)
-        seconds = time.perf_counter() - t0
-        step += math.ceil(len(train) / sup.batch_size)
-        row = {"phase": "supervised", "epoch": epoch + 1, "step": step, "lr": sup.lr_at(epoch),
-               "train_loss": train_loss, "train_acc": train_acc}
-        if val is not None:
-            row["val_loss"], row["val_acc"] = evaluate(model, forward, val, eval_batch_size)
-        row["test_loss"], row["test_acc"] = evaluate(model, forward, test, eval_batch_size)
-        row.update(alignment_angles(model, forward, train.x[probe], train.y[probe]))
-        row.update(epoch_time_s=round(seconds, 4), samples_per_s=round(len(train) / seconds, 1),
-                   elapsed_s=round(time.perf_counter() - start, 3))
-        recorder.log_metrics(row)
-        if not all(math.isfinite(row[k]) for k in ("val_loss", "test_loss") if k in row):
-            # The last step of the epoch made the weights non-finite; no training loss saw it.
-            raise Diverged(sup.name, epoch + 1, step)
-        if result.best_test_acc is None or row["test_acc"] > result.best_test_acc:
-            result.best_test_acc, result.best_epoch = row["test_acc"], epoch + 1
-        result.test_acc, result.val_acc = row["test_acc"], row.get("val_acc")
-        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
-                 epoch + 1, sup.epochs, train_loss, train_acc, row["test_loss"], row["test_acc"],
-                 seconds)
-        if checkpoint:
-            checkpoint({"phase": "supervised", "epoch": epoch + 1,
-                        "optimizer": optimizer.state_dict()})
-    record_phase(sup, time.perf_counter() - phase_start, len(train) * sup.epochs)
-    return result
+    def phase2(self, locals_: list[LocalLayer]) -> None:
+        """Phase 2 (or the only phase): the optimiser trains every parameter that requires
+        grad. Its cost includes computing a frozen body's features."""
+        model, schedule, recorder, result = self.model, self.schedule, self.recorder, self.result
+        sup, unsup, batch = schedule.supervised, schedule.unsupervised, self.eval_batch_size
+        if self.pos.phase == "supervised" and self.pos.epoch >= sup.epochs > 0:
+            return  # resumed from the final checkpoint: the phase is done and recorded
+        self.begin_phase("supervised")
+        train, test, val, forward = self.data.train, self.data.test, self.data.val, model
+        body = frozen_body(model) if not (schedule.name == "one_phase" and locals_) else None
+        if body is not None:
+            log.info("body is frozen: computing its features once for the supervised phase")
+            train, test = precompute(body, train, batch), precompute(body, test, batch)
+            val = precompute(body, val, batch) if val is not None else None
+            forward = model.head
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params or sup.epochs == 0:
+            log.info("supervised phase skipped: %s", "no trainable parameters" if not params
+                     else "schedule.supervised.epochs is 0")
+            test_loss, test_acc = evaluate(model, forward, test, batch)
+            recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": self.pos.step,
+                                  "test_loss": test_loss, "test_acc": test_acc,
+                                  "elapsed_s": round(self.elapsed(), 3)})
+            result.test_acc = result.best_test_acc = test_acc
+            return
+        self.optimizer = optimizer = make_optimizer(params, sup)
+        if self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+        probe = slice(0, min(len(train), ALIGNMENT_BATCH))  # fixed batch for alignment angles
+        if self.pos.epoch == 0 and self.pos.batch == 0:
+            initial = alignment_angles(model, forward, train.x[probe], train.y[probe])
+            if initial:  # the curve's starting point: before any update, about 90 degrees
+                recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": self.pos.step,
+                                      **initial})
+        one_phase_local = schedule.name == "one_phase" and locals_
+        if one_phase_local:
+            log.info("one phase: %d local layers learn during the supervised epochs",
+                     len(locals_))
+        n_batches = math.ceil(len(train) / sup.batch_size)
+        generator = self.generators["supervised"]
+        for epoch in range(self.pos.epoch, sup.epochs):
+            self.epoch_rng = generator.get_state()
+            t0, skip = time.perf_counter(), self.pos.batch
+            # In one phase, the local rate follows its own schedule over the supervised epochs.
+            lr_local = replace(unsup, epochs=sup.epochs).lr_at(epoch)
+            learning = (local_learning(model, lambda lr=lr_local: lr) if one_phase_local
+                        else nullcontext())
+            with learning:
+                train_loss, train_acc = supervised_epoch(
+                    model, forward, optimizer, train, sup, epoch, generator, self.progress,
+                    first_step=self.pos.step, partial=self.partial, after_batch=self.after_batch)
+            self.partial = None
+            seconds = time.perf_counter() - t0
+            step = self.pos.step + n_batches
+            row = {"phase": "supervised", "epoch": epoch + 1, "step": step,
+                   "lr": sup.lr_at(epoch), "train_loss": train_loss, "train_acc": train_acc}
+            if val is not None:
+                row["val_loss"], row["val_acc"] = evaluate(model, forward, val, batch)
+            row["test_loss"], row["test_acc"] = evaluate(model, forward, test, batch)
+            row.update(alignment_angles(model, forward, train.x[probe], train.y[probe]))
+            row.update(epoch_time_s=round(seconds, 4),
+                       samples_per_s=round(len(train) * (n_batches - skip) / n_batches / seconds,
+                                           1),
+                       elapsed_s=round(self.elapsed(), 3))
+            recorder.log_metrics(row)
+            if not all(math.isfinite(row[k]) for k in ("val_loss", "test_loss") if k in row):
+                # The last step of the epoch made the weights non-finite; no training loss saw it.
+                raise Diverged(sup.name, epoch + 1, step)
+            if result.best_test_acc is None or row["test_acc"] > result.best_test_acc:
+                result.best_test_acc, result.best_epoch = row["test_acc"], epoch + 1
+            result.test_acc, result.val_acc = row["test_acc"], row.get("val_acc")
+            log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
+                     epoch + 1, sup.epochs, train_loss, train_acc, row["test_loss"],
+                     row["test_acc"], seconds)
+            if epoch + 1 < sup.epochs:
+                self.end_of_epoch("supervised", epoch, step)
+            else:
+                self.pos = Position("supervised", epoch + 1, 0, step)
+        self.record_phase(sup, len(train) * sup.epochs)
+        self.save()  # the final state: resuming it trains nothing more

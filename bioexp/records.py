@@ -90,6 +90,14 @@ class RunRecorder:
             f.flush()
             os.fsync(f.fileno())
 
+    def truncate_metrics(self, n_rows: int) -> None:
+        """Keep the first `n_rows` rows of metrics.jsonl (a resumed run drops the rows logged
+        after its checkpoint, so that none is written twice)."""
+        rows = read_metrics(self.metrics_path)[:n_rows]
+        atomic_write(self.metrics_path,
+                     lambda f: f.writelines(json.dumps(_json_safe(r)) + "\n" for r in rows))
+        self.rows = rows
+
     def update_summary(self, **fields: Any) -> None:
         self.summary.update(fields)
         write_json(self.summary_path, self.summary)

@@ -8,12 +8,15 @@ and a non-zero exit, and returns the final test accuracy so that sweepers can op
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,13 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 
 import bioexp
 from bioexp.cache import Phase1Cache, phase1_key
-from bioexp.compare import find_runs, run_table, runs_table, text_table
+from bioexp.compare import find_runs, flatten, run_table, runs_table, text_table
 from bioexp.config import config_dir, validate
 from bioexp.data import load_dataset
 from bioexp.engine import Diverged, Schedule, fit, local_layers
-from bioexp.errors import BioexpError, DeviceError
+from bioexp.errors import BioexpError, ConfigError, DeviceError
 from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
-from bioexp.records import RunRecorder, atomic_write
+from bioexp.records import CHECKPOINT, SUMMARY, RunRecorder, atomic_write, read_json
 from bioexp.registry import build_model, check_hyperparameters
 
 log = logging.getLogger("bioexp")
@@ -107,12 +110,89 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the run records `interrupted` before it exits."""
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM while a run trains. The first signal asks the engine to stop
+    at the next batch boundary, where it writes a checkpoint; a second one stops at once (the
+    previous checkpoint stays). Called, it says whether a stop was asked for."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt()
+        self.signal = signal.Signals(signum).name
+        log.warning("%s: stopping after the current batch, with a checkpoint (send it again to "
+                    "stop at once)", self.signal)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle both signals inside the block (only the main thread can; elsewhere the
+        default behaviour stays)."""
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread
+            pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+# The checkpoint layout; a file without it is refused on resume.
+CHECKPOINT_FORMAT = 1
+# Config keys that may differ between a run and its resumption: they change no result.
+RESUME_FREE_KEYS = ("resume", "progress", "threads", "checkpoint_every_min")
+# Statuses after which re-running into the same folder trains nothing more.
+FINISHED = ("completed", "diverged")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A bioexp checkpoint, or ConfigError naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: the run has no checkpoint to resume from")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file fails in many ways
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated and cannot be read "
+                          f"({type(exc).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a checkpoint of this bioexp version (format "
+                          f"{CHECKPOINT_FORMAT}); start the run again in a new folder")
+    return checkpoint
+
+
+def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first config key whose value differs, ignoring RESUME_FREE_KEYS, as a phrase."""
+    a, b = flatten(saved), flatten(current)
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in RESUME_FREE_KEYS or a.get(key) == b.get(key):
+            continue
+        return f"{key} is {a.get(key)!r} there and {b.get(key)!r} here"
+    return None
+
+
+def resumed_config(run_dir: Path, cfg: DictConfig, given: Sequence[str]) -> DictConfig:
+    """The config of the run in `run_dir` (`resume=`), with the RESUME_FREE_KEYS that the
+    command line `given` sets (the others keep the run's values, threads included, so that
+    the resumed run computes exactly what the uninterrupted one would have)."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume={run_dir}: no such run folder")
+    path = run_dir / ".hydra" / "config.yaml"
+    saved = (OmegaConf.load(path) if path.is_file()
+             else OmegaConf.create(read_checkpoint(run_dir / CHECKPOINT)["config"]))
+    set_here = {arg.split("=", 1)[0].lstrip("+~") for arg in given}
+    for key in RESUME_FREE_KEYS:
+        if key in set_here or key not in saved:
+            saved[key] = cfg.get(key)
+    saved.resume = None
+    return saved
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -121,15 +201,41 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     User errors (BioexpError) are recorded as `failed` and re-raised; divergence is recorded as
     `diverged` and returned; Ctrl-C and SIGTERM are recorded as `interrupted` and re-raised.
     """
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint_path = run_dir / CHECKPOINT
+    hydra_files = {name: (run_dir / ".hydra" / name).read_text()
+                   for name in ("config.yaml", "overrides.yaml")
+                   if (run_dir / ".hydra" / name).is_file()}
+    saved = None
+    if checkpoint_path.exists():
+        saved = read_checkpoint(checkpoint_path)
+        difference = config_difference(saved["config"], config)
+        if difference:
+            for name, text in saved.get("hydra_files", {}).items():  # Hydra overwrote them
+                atomic_write(run_dir / ".hydra" / name, lambda f, t=text: f.write(t))
+            raise ConfigError(f"{run_dir} holds a run with another config ({difference}); "
+                              "give a new hydra.run.dir, or resume that run as it was")
+        hydra_files = saved.get("hydra_files", hydra_files)
+    previous_summary = (read_json(run_dir / SUMMARY)
+                        if saved is not None and (run_dir / SUMMARY).is_file() else {})
+    if previous_summary.get("status") in FINISHED:
+        log.info("%s already holds a %s run; nothing to do (delete the folder to train it "
+                 "again)", run_dir, previous_summary["status"])
+        return previous_summary
     recorder = RunRecorder(run_dir)
-    start = time.perf_counter()
+    recorder.summary = dict(previous_summary)
+    start = time.perf_counter() - float(previous_summary.get("wall_time_s") or 0.0)
     recorder.update_summary(
         status="running", model=cfg.model.get("name"), dataset=cfg.data.get("name"),
-        schedule=cfg.schedule.get("name"), seed=cfg.get("seed"), started=_now(),
+        schedule=cfg.schedule.get("name"), seed=cfg.get("seed"),
+        started=previous_summary.get("started", _now()),
     )
+    if saved is not None:
+        resumes = [*previous_summary.get("resumed", []),
+                   {"at": _now(), **saved["training"]["position"]}]
+        recorder.update_summary(resumed=resumes, error=None)
     model = None
-    if sys.platform != "win32":
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    stop = StopRequest()
     try:
         validate(cfg)
         hparams = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
@@ -153,16 +259,27 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                 environment=environment(device))
         log.info("model %s: %d trainable parameters, device %s", cfg.model.name, n_trainable,
                  device)
-        config = OmegaConf.to_container(cfg, resolve=True)
 
         def checkpoint(state: dict) -> None:
-            recorder.save_checkpoint({**state, "model": model.state_dict(), "config": config,
-                                      "torch_rng": torch.get_rng_state()})
+            recorder.save_checkpoint({"format": CHECKPOINT_FORMAT, "model_name": cfg.model.name,
+                                      "model": model.state_dict(), "config": config,
+                                      "hydra_files": hydra_files, "training": state})
 
-        cache = phase1_cache(cfg, model, schedule, device)
-        result = fit(model, data, schedule, recorder, seed=cfg.seed,
-                     eval_batch_size=cfg.eval_batch_size, progress=_show_progress(cfg),
-                     checkpoint=checkpoint, phase1_cache=cache)
+        cache = phase1_cache(cfg, model, schedule, device)  # keyed on the initial weights
+        if saved is not None:
+            try:
+                model.load_state_dict(saved["model"])
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[-1].strip()
+                raise ConfigError(f"the checkpoint in {run_dir} does not fit model "
+                                  f"{cfg.model.name}: {first}") from None
+        with stop.installed():
+            result = fit(model, data, schedule, recorder, seed=cfg.seed,
+                         eval_batch_size=cfg.eval_batch_size, progress=_show_progress(cfg),
+                         checkpoint=checkpoint,
+                         checkpoint_every_s=60.0 * cfg.get("checkpoint_every_min", 0),
+                         stop=stop, resume=saved["training"] if saved is not None else None,
+                         phase1_cache=cache)
         if cache is not None:
             recorder.update_summary(phase1_cache={
                 "status": "hit" if result.phase1_cache_hit else "miss", "key": cache.key,
@@ -182,7 +299,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                              "step": exc.step, "local_layers": exc.layers})
         log.error("%s", exc)
     except KeyboardInterrupt:
-        recorder.update_summary(status="interrupted", error="interrupted by signal")
+        why = stop.signal or "SIGINT"
+        recorder.update_summary(status="interrupted", error=f"interrupted by {why}")
         raise
     except BioexpError as exc:
         recorder.update_summary(status="failed", error=str(exc))
@@ -191,8 +309,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         recorder.update_summary(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if sys.platform != "win32":
-            signal.signal(signal.SIGTERM, previous)
         recorder.update_summary(finished=_now(),
                                 wall_time_s=round(time.perf_counter() - start, 3))
         title = f"{cfg.model.get('name')} on {cfg.data.get('name')}"
@@ -244,6 +360,36 @@ def _show_progress(cfg: DictConfig) -> bool:
     return bool(cfg.progress) and sys.stderr.isatty()
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why `folder` cannot be created and written, or None when it can."""
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            if not path.is_dir():
+                return f"{path} is a file, not a folder"
+            if not os.access(path, os.W_OK | os.X_OK):
+                return f"{path} is not writable"
+            return None
+    return None
+
+
+class OutputCheck(Callback):
+    """Before Hydra creates the run (or sweep) folder: one line and exit code 2 when it cannot
+    be created or written, instead of an OSError with a stack trace."""
+
+    @staticmethod
+    def _check(folder: str, key: str) -> None:
+        problem = unwritable(Path(folder))
+        if problem:
+            print(f"bioexp: error: {key}={folder} cannot be written: {problem}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
 class SweepTable(Callback):
     """After a multirun, log a table of its jobs and write it to `<sweep dir>/runs.md`."""
 
@@ -263,6 +409,9 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        if cfg.get("resume"):
+            run_dir = Path(cfg.resume)
+            cfg = resumed_config(run_dir, cfg, hydra_cfg.overrides.task)
         summary = run(cfg, run_dir)
     except BioexpError as exc:
         log.error("error: %s", exc)

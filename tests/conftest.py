@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from bioexp.config import config_dir
 from bioexp.data.sources import SOURCES, locate
+from bioexp.records import read_json
 
 # Overrides that make any model train in about a second on CPU.
 TINY = (
@@ -81,3 +82,29 @@ def output_of(result: subprocess.CompletedProcess) -> str:
 
 def tiny(*extra: str) -> Sequence[str]:
     return [*TINY, *extra]
+
+
+def completed_summaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob("summary.json") if read_json(p).get("status") == "completed"]
+
+
+def assert_clean_failure(result, root: Path, *needles: str) -> str:
+    """Non-zero exit, no traceback, every needle in the output, no completed run under root."""
+    output = output_of(result)
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    for needle in needles:
+        assert needle in output, f"{needle!r} missing from the output:\n{output}"
+    assert completed_summaries(root) == [], "a failed run left a completed summary.json"
+    return output
+
+
+def assert_failed_before_training(run_dir: Path, *needles: str) -> dict:
+    """The run folder records `failed` with the message, and training never started."""
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "failed", summary
+    for needle in needles:
+        assert needle in summary["error"], summary["error"]
+    assert not (run_dir / "metrics.jsonl").exists(), "training started despite the error"
+    assert not (run_dir / "checkpoints").exists(), "training started despite the error"
+    return summary

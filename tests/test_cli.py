@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, needs_fashion, output_of, tiny
+from conftest import (
+    TINY,
+    assert_clean_failure,
+    assert_failed_before_training,
+    needs_fashion,
+    output_of,
+    tiny,
+)
 from omegaconf import OmegaConf
 
 from bioexp import __version__
@@ -43,32 +50,6 @@ assert "schedule.supervised.batch_size=64" in TINY
 def read_metrics(path: Path) -> list[dict]:
     """Every line of metrics.jsonl, parsed strictly: a torn line fails the test."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def completed_summaries(root: Path) -> list[Path]:
-    return [p for p in root.rglob("summary.json") if read_json(p).get("status") == "completed"]
-
-
-def assert_clean_failure(result, root: Path, *needles: str) -> str:
-    """Non-zero exit, no traceback, every needle in the output, no completed run under root."""
-    output = output_of(result)
-    assert result.returncode != 0, output
-    assert "Traceback" not in output, output
-    for needle in needles:
-        assert needle in output, f"{needle!r} missing from the output:\n{output}"
-    assert completed_summaries(root) == [], "a failed run left a completed summary.json"
-    return output
-
-
-def assert_failed_before_training(run_dir: Path, *needles: str) -> dict:
-    """The run folder records `failed` with the message, and training never started."""
-    summary = read_json(run_dir / "summary.json")
-    assert summary["status"] == "failed", summary
-    for needle in needles:
-        assert needle in summary["error"], summary["error"]
-    assert not (run_dir / "metrics.jsonl").exists(), "training started despite the error"
-    assert not (run_dir / "checkpoints").exists(), "training started despite the error"
-    return summary
 
 
 def check_run_folder(run_dir: Path, model: str, dataset: str, seed: int, epochs: int,
@@ -221,7 +202,7 @@ def test_train_end_to_end_on_synthetic(bioexp, tmp_path, model):
 
     # the checkpoint holds the final model: rebuilt from it, it scores the reported accuracy
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    assert checkpoint["epoch"] == TINY_EPOCHS
+    assert checkpoint["training"]["position"]["epoch"] == TINY_EPOCHS
     config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     hparams = {k: v for k, v in OmegaConf.to_container(config.model).items()
                if k not in ("name", "input_scale")}
@@ -366,7 +347,7 @@ def test_divergence_is_recorded_and_keeps_the_folder(bioexp, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "diverged" in log, log
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    assert checkpoint["epoch"] == rows[-1]["epoch"]
+    assert checkpoint["training"]["position"]["epoch"] == rows[-1]["epoch"]
     assert (run_dir / "plots" / "curves.png").is_file()
 
 

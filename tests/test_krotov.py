@@ -109,7 +109,7 @@ def test_unit_rows_divides_currents_by_row_lengths_in_the_head() -> None:
 
 @pytest.mark.parametrize(("hparams", "key"), [
     ({"k": 1}, "model.k"), ({"k": 21}, "model.k"), ({"hidden": 1}, "model.hidden"),
-    ({"delta": 1.5}, "model.delta"), ({"p": 0.5}, "model.p"), ({"head": [0]}, "model.head"),
+    ({"delta": 1.5}, "model.delta"), ({"p": 1.5}, "model.p"), ({"head": [0]}, "model.head"),
 ])
 def test_krotov_rejects_bad_values(hparams: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):

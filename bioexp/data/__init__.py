@@ -33,16 +33,19 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) batches; shuffled by `generator` when given, in order otherwise."""
+    def batches(self, batch_size: int, generator: torch.Generator | None = None,
+                skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) batches; shuffled by `generator` when given, in order otherwise. `skip` leaves
+        out the first batches of the same order (a resumed epoch); the generator advances the
+        same either way."""
         n = len(self)
+        first = skip * batch_size
         if generator is None:
-            for start in range(0, n, batch_size):
+            for start in range(first, n, batch_size):
                 yield self.x[start:start + batch_size], self.y[start:start + batch_size]
             return
         order = torch.randperm(n, generator=generator).to(self.x.device)
-        for start in range(0, n, batch_size):
+        for start in range(first, n, batch_size):
             idx = order[start:start + batch_size]
             yield self.x[idx], self.y[idx]
 

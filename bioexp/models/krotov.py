@@ -85,8 +85,8 @@ def krotov_body(input_shape: Sequence[int], hidden: int, p: float, k: int, delta
         raise ConfigError(f"model.hidden must be at least 2, got {hidden}")
     if not 2 <= k <= hidden:
         raise ConfigError(f"model.k must be in [2, model.hidden = {hidden}], got {k}")
-    if p < 1:
-        raise ConfigError(f"model.p must be at least 1, got {p}")
+    if p < 2:  # Krotov & Hopfield (2019) use p >= 2; p = 2 is the Euclidean case
+        raise ConfigError(f"model.p must be at least 2, got {p}")
     if not 0 <= delta <= 1:
         raise ConfigError(f"model.delta must be in [0, 1], got {delta}")
     layers: list[nn.Module] = [nn.Flatten()]
