@@ -23,6 +23,7 @@ COMMANDS = {
     "list": "list the registered models, datasets, schedules and recipes",
     "data": "find (or download) a dataset and say where it is: bioexp data fashion_mnist",
     "compare": "tabulate run folders side by side: bioexp compare outputs/multirun --by model",
+    "eval": "FGSM robustness, representations and costs of trained runs: bioexp eval RUN...",
 }
 
 USAGE = "usage: bioexp [-h] [--version] {" + ",".join(COMMANDS) + "} ..."
@@ -211,6 +212,48 @@ def _plot_comparison(compare: ModuleType, runs: list, by: list[str], metric: str
                     title=f"{len(runs)} runs in {len(groups)} groups")
 
 
+def eval_command(args: Sequence[str]) -> None:
+    from bioexp import compare, evaluate
+    from bioexp.plots import plot_fgsm
+
+    parser = argparse.ArgumentParser(prog="bioexp eval", description=COMMANDS["eval"])
+    parser.add_argument("runs", nargs="+", help="run folders (each needs checkpoints/last.pt)")
+    parser.add_argument("--eps", default=",".join(map(str, evaluate.DEFAULT_EPS)),
+                        help="comma-separated FGSM strengths, as fractions of the pixel range "
+                             "(default 0,0.05,...,0.3)")
+    parser.add_argument("--test-limit", type=int, default=None,
+                        help="attack a seeded subset of this many test images (default: all)")
+    parser.add_argument("--embed-samples", type=int, default=2000,
+                        help="test images in the PCA picture of the last hidden layer")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--plot", default=None,
+                        help="also overlay the FGSM curves of all the runs in this image file")
+    opts = parser.parse_args(args)
+    try:
+        eps = [float(e) for e in opts.eps.split(",") if e.strip()]
+    except ValueError:
+        _fail(f"--eps must be comma-separated numbers, got {opts.eps!r}")
+    if not eps or any(not 0 <= e <= 1 for e in eps):
+        _fail(f"--eps values must lie in [0, 1] (fractions of the pixel range), got {opts.eps}")
+    if opts.test_limit is not None and opts.test_limit < 1:
+        _fail(f"--test-limit must be at least 1, got {opts.test_limit}")
+    from bioexp.train import resolve_device
+
+    device = resolve_device(opts.device)
+    curves, runs = {}, []
+    for folder in opts.runs:
+        run = evaluate.load_run(Path(folder), device, opts.test_limit)
+        result = evaluate.evaluate_run(run, eps, opts.embed_samples)
+        curves[run.name] = (eps, result["fgsm"]["accuracy"])
+        runs.append(compare.read_run(run.path))
+        print(f"{run.path}: wrote eval/fgsm.json, eval/representation.json, "
+              "eval/efficiency.json and plots/{fgsm,embedding,confusion}.png", file=sys.stderr,
+              flush=True)
+    print(compare.text_table(compare.efficiency_table(runs, eps)), flush=True)
+    if opts.plot:
+        _write(opts.plot, lambda path: plot_fgsm(curves, path))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -221,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     handlers = {"train": train_command, "list": list_command, "data": data_command,
-                "compare": compare_command}
+                "compare": compare_command, "eval": eval_command}
     if command not in handlers:
         _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     if command != "train":

@@ -12,6 +12,7 @@ matplotlib, so `bioexp compare` starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -32,7 +33,8 @@ PHASE_LABELS = {"unsupervised": "unsup", "supervised": "sup"}
 # Accuracy columns of the per-run table -> their summary.json fields.
 ACCURACY_COLUMNS = {"final": "test_acc", "best": "best_test_acc", "val": "val_acc"}
 NO_SUMMARY = "no summary"  # a job folder whose run never wrote summary.json
-SKIP_DIRS = {".hydra", "checkpoints", "plots", ".submitit"}  # never hold runs
+SKIP_DIRS = {".hydra", "checkpoints", "plots", ".submitit", "eval"}  # never hold runs
+EVAL_FILES = ("fgsm", "efficiency")  # what `bioexp eval` wrote that tables show
 # LibYAML's loader is several times faster than the pure-Python one; both give the same result.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -43,6 +45,17 @@ class Run:
     summary: dict[str, Any]
     overrides: tuple[str, ...]
     config: dict[str, Any]  # .hydra/config.yaml flattened to dotted keys
+    evals: dict[str, Any] = field(default_factory=dict)  # eval/<name>.json by name (bioexp eval)
+
+    def fgsm(self, eps: float) -> float | None:
+        """Test accuracy under FGSM of strength `eps`, when `bioexp eval` measured it."""
+        fgsm = self.evals.get("fgsm") or {}
+        table = dict(zip(fgsm.get("eps", []), fgsm.get("accuracy", []), strict=False))
+        return table.get(eps)
+
+    def mflops(self) -> float | None:
+        flops = (self.evals.get("efficiency") or {}).get("flops_per_sample")
+        return flops / 1e6 if isinstance(flops, (int, float)) else None
 
     @property
     def status(self) -> str:
@@ -114,7 +127,13 @@ def read_run(folder: Path) -> Run:
             config = flatten(_load_yaml(hydra_dir / "config.yaml") or {})
     except (OSError, yaml.YAMLError):
         pass  # a damaged .hydra folder: the run is still listed, from summary.json alone
-    return Run(folder, summary, tuple(overrides), config)
+    evals = {}
+    for name in EVAL_FILES:
+        path = folder / "eval" / f"{name}.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError):  # a damaged file shows as missing
+                evals[name] = read_json(path)
+    return Run(folder, summary, tuple(overrides), config, evals)
 
 
 def varying_overrides(runs: list[Run]) -> list[dict[str, str]]:
@@ -170,6 +189,10 @@ def _cost_columns(runs: list[Run]) -> list[tuple[str, Any]]:
     columns.append(("rss MB", lambda r: _peak(r, "peak_rss_mb")))
     if any(_peak(r, "cuda_peak_mb") is not None for r in runs):
         columns.append(("cuda MB", lambda r: _peak(r, "cuda_peak_mb")))
+    if any(r.fgsm(0.1) is not None for r in runs):
+        columns.append(("fgsm@0.1", lambda r: r.fgsm(0.1)))
+    if any(r.mflops() is not None for r in runs):
+        columns.append(("MFLOP", lambda r: r.mflops()))
     return columns
 
 
@@ -187,6 +210,22 @@ def run_table(runs: list[Run]) -> Table:
         rows.append([name, *(run.value(g) for g in GROUPS), *(v[k] for k in keys), run.status,
                      *(run.number(ACCURACY_COLUMNS[c]) for c in scores),
                      *(get(run) for _, get in costs)])
+    return Table(header, rows)
+
+
+def efficiency_table(runs: list[Run], eps: list[float]) -> Table:
+    """What `bioexp eval` measured, one row per run: accuracy under FGSM at 0 and 0.1 (or the
+    first two strengths measured), forward MFLOP per sample, parameters trained by the
+    optimiser and held otherwise, and the run's time, per-phase throughput and peak memory."""
+    shown = [e for e in (0.0, 0.1) if e in eps] or eps[:2]
+    costs = [c for c in _cost_columns(runs) if not c[0].startswith("fgsm")]
+    header = ["run", "model", *(f"acc@{e:g}" for e in shown), "trainable", "local",
+              *(name for name, _ in costs)]
+    rows = []
+    for name, run in zip(run_names(runs), runs, strict=True):
+        params = (run.evals.get("efficiency") or {}).get("parameters") or {}
+        rows.append([name, run.value("model"), *(run.fgsm(e) for e in shown),
+                     params.get("trainable"), params.get("local"), *(get(run) for _, get in costs)])
     return Table(header, rows)
 
 
@@ -263,6 +302,8 @@ def _cell(value: Any, column: str) -> str:
         return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
     if column.endswith("MB"):
         return f"{value:.0f}"
+    if column == "MFLOP":
+        return f"{value:.3g}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -293,6 +334,14 @@ def without_shared_groups(table: Table) -> Table:
                  shared)
 
 
+def without_empty_columns(table: Table) -> Table:
+    """Drop columns that no row has a value in (a cost no run recorded)."""
+    keep = [i for i in range(len(table.header))
+            if not table.rows or any(row[i] not in (None, "") for row in table.rows)]
+    return Table([table.header[i] for i in keep], [[row[i] for i in keep] for row in table.rows],
+                 table.shared)
+
+
 def markdown_table(table: Table) -> str:
     header, rows = _cells(table)
     widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
@@ -303,11 +352,17 @@ def markdown_table(table: Table) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+CONFIG_KEY = re.compile(r"^[A-Za-z_+~][\w]*(\.[\w]+)+$")  # a dotted key: model.sparsity
+
+
 def short_headers(header: list[str]) -> list[str]:
     """Dotted keys shortened to their shortest suffix that no other column ends with:
     `schedule.unsupervised.lr` -> `lr`, or `unsupervised.lr` when `supervised.lr` is there too."""
     short = []
     for name in header:
+        if not CONFIG_KEY.match(name):
+            short.append(name)
+            continue
         parts = name.split(".")
         for n in range(1, len(parts) + 1):
             suffix = ".".join(parts[-n:])
@@ -332,9 +387,10 @@ MIN_TEXT_WIDTH = 5  # a cut run name keeps its job number: `12_k…`
 
 def text_table(table: Table, width: int = 100) -> str:
     """Columns separated by two spaces, fitted to `width` characters where it can be: headers
-    are shortened, config groups shared by every run move to a first line, and the widest text
-    cells (run names, override values) are cut short with '…'. Numbers are never cut."""
-    shared = without_shared_groups(table)
+    are shortened, config groups shared by every run move to a first line, empty columns are
+    left out, and the widest text cells (run names, override values) are cut short with '…'.
+    Numbers are never cut."""
+    shared = without_empty_columns(without_shared_groups(table))
     header, rows = _cells(shared)
     header = short_headers(header)
     numeric = [all(_as_number(row[i]) is not None for row in shared.rows
@@ -349,8 +405,7 @@ def text_table(table: Table, width: int = 100) -> str:
         shrinkable = [i for i, w in enumerate(widths) if not fixed[i] and w > MIN_TEXT_WIDTH]
         if not shrinkable:
             break
-        i = max(shrinkable, key=lambda j: widths[j])
-        widths[i] = max(MIN_TEXT_WIDTH, widths[i] - (total() - width))
+        widths[max(shrinkable, key=lambda j: widths[j])] -= 1  # the widest gives way first
 
     def fit(text: str, w: int) -> str:
         return text if len(text) <= w else text[:w - 1] + "…"

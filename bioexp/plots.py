@@ -167,3 +167,53 @@ def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
         fig.suptitle(title)
     _save(fig, path)
     return path
+
+
+def plot_fgsm(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path,
+              title: str = "") -> Path:
+    """Test accuracy against the FGSM strength, one line per run."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, (eps, accuracy) in curves.items():
+        ax.plot(eps, accuracy, marker="o", markersize=4, label=label)
+    ax.set(xlabel="FGSM epsilon (fraction of the pixel range)", ylabel="test accuracy",
+           ylim=(0, 1), title=title or "accuracy under FGSM attack")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+    return path
+
+
+def plot_embedding(coords: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "",
+                   explained: Sequence[float] = ()) -> Path:
+    """Points on two principal components, coloured by class."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    points, classes = coords.numpy(), labels.numpy()
+    cmap = plt.get_cmap("tab10")
+    for c in np.unique(classes):
+        mine = classes == c
+        ax.scatter(points[mine, 0], points[mine, 1], s=4, alpha=0.6, color=cmap(int(c) % 10),
+                   label=str(c))
+    axes = [f"PC{i + 1}" + (f" ({explained[i]:.0%} of variance)" if i < len(explained) else "")
+            for i in range(2)]
+    ax.set(xlabel=axes[0], ylabel=axes[1], title=title or "last hidden layer (PCA)")
+    ax.legend(title="class", fontsize="small", markerscale=3, loc="best")
+    _save(fig, path)
+    return path
+
+
+def plot_confusion(counts: torch.Tensor, path: Path, title: str = "") -> Path:
+    """Rows: true class; columns: predicted class; colour: fraction of the row."""
+    counts = counts.numpy()
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(counts)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 0.8 + 0.5 * n))
+    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize="x-small",
+                    color="white" if fractions[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n),
+           title=(f"{title}\n" if title else "") + "confusion matrix (test set)")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    _save(fig, path)
+    return path

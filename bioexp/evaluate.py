@@ -1,0 +1,234 @@
+"""`bioexp eval`: robustness, representations and costs of trained runs, written into their folders.
+
+- FGSM (Goodfellow, Shlens & Szegedy 2015, "Explaining and harnessing adversarial examples"):
+  x' = clip(x + eps * sign(grad_x L(f(x), y))), with L the model's own training loss. Every
+  model here is differentiable with respect to its input (Krotov and Hebbian layers compute
+  x W; their learning rules, not their forward passes, hold the winner-take-all), so the attack
+  uses the exact input gradient. Feedback-alignment layers backpropagate through their random
+  matrices B during training; for the attack they are switched to exact backprop, so the
+  attacker sees the true gradient of the forward function, not the training signal.
+- The last hidden layer (the input of the last linear layer) of a sample of test images,
+  projected on its first two principal components. PCA rather than t-SNE: it is deterministic,
+  takes a second, needs no extra dependency, and its axes and explained variance mean the same
+  for every run, so two runs' pictures can be compared.
+- The confusion matrix of the clean test set.
+- Costs: parameters, forward FLOPs per sample (matrix products and convolutions, counted by
+  torch.utils.flop_counter), and the per-phase time, throughput and memory of the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bioexp.data import Dataset, Split, load_dataset
+from bioexp.errors import ConfigError
+from bioexp.layers.feedback import FeedbackLayer, exact_backprop
+from bioexp.records import CHECKPOINT, SUMMARY, read_json, write_json
+from bioexp.registry import build_model
+
+DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+PIXEL_RANGE = {"unit": (0.0, 1.0), "symmetric": (-1.0, 1.0)}  # model.input_scale -> bounds
+EVAL_DIR = "eval"
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    cfg: DictConfig
+    model: nn.Module
+    data: Dataset
+    summary: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.cfg.model.name} ({self.path.name})"
+
+
+def read_weights(path: Path) -> dict[str, Any]:
+    """A checkpoint's weights and config. Any bioexp checkpoint has them, including those
+    written before the resumable format, so older runs can be evaluated too."""
+    if not path.is_file():
+        raise ConfigError(f"{path.parent.parent} has no checkpoint ({CHECKPOINT}) to evaluate")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file fails in many ways
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated and cannot be read "
+                          f"({type(exc).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        raise ConfigError(f"{path} is not a bioexp checkpoint (it has no model and config)")
+    return checkpoint
+
+
+def load_run(folder: Path, device: torch.device, test_limit: int | None = None) -> TrainedRun:
+    """The trained model of a run folder (its last checkpoint), with the run's test data."""
+    from bioexp.train import MODEL_META_KEYS
+
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder")
+    checkpoint = read_weights(folder / CHECKPOINT)
+    cfg = OmegaConf.create(checkpoint["config"])
+    if test_limit is not None:
+        cfg.data.test_limit = test_limit
+    data = load_dataset(cfg.data, cfg.model.input_scale, device)
+    hparams = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+               if k not in MODEL_META_KEYS}
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, **hparams)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"the checkpoint in {folder} does not fit model {cfg.model.name}: "
+                          f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    summary = read_json(folder / SUMMARY) if (folder / SUMMARY).is_file() else {}
+    return TrainedRun(folder, cfg, model.to(device).eval(), data, summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# FGSM
+
+
+def input_gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sign(d loss / d x) of the model's own loss, with exact backprop in feedback layers."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), exact_backprop(model):
+        loss = model.loss(model(x), y)
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad.sign()
+
+
+def fgsm_inputs(x: torch.Tensor, sign: torch.Tensor, eps: float,
+                bounds: tuple[float, float]) -> torch.Tensor:
+    """x + eps * sign, clamped to the pixel range; `eps` is in units of the [0, 1] scale."""
+    low, high = bounds
+    return (x + eps * (high - low) * sign).clamp(low, high)
+
+
+@torch.no_grad()
+def fgsm_accuracy(model: nn.Module, split: Split, eps_list: list[float],
+                  bounds: tuple[float, float], batch_size: int = 1000) -> list[float]:
+    """Test accuracy under an FGSM attack of each strength, one gradient per batch."""
+    correct = torch.zeros(len(eps_list), dtype=torch.long, device=split.x.device)
+    for x, y in split.batches(batch_size):
+        sign = input_gradient_sign(model, x, y)
+        for i, eps in enumerate(eps_list):
+            adv = x if eps == 0 else fgsm_inputs(x, sign, eps, bounds)
+            correct[i] += (model.predict(model(adv)) == y).sum()
+    return [c / len(split) for c in correct.tolist()]
+
+
+def attack_gradient(model: nn.Module) -> str:
+    """How the attack's gradient was obtained, for the output."""
+    if any(isinstance(m, FeedbackLayer) for m in model.modules()):
+        return "exact input gradient (feedback layers switched to exact backprop for the attack)"
+    return "exact input gradient"
+
+
+# ----------------------------------------------------------------------------------------------
+# Representations
+
+
+def last_hidden_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The last linear layer (its input is the last hidden representation), else the head."""
+    linear = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linear:
+        return linear[-1]
+    head = getattr(model, "head", None)
+    return ("head", head) if head is not None else None
+
+
+@torch.no_grad()
+def hidden_features(model: nn.Module, layer: nn.Module, x: torch.Tensor,
+                    batch_size: int = 1000) -> torch.Tensor:
+    """The input that `layer` receives for each image of `x`, flattened."""
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda m, args: captured.append(args[0].flatten(1)))
+    try:
+        for start in range(0, len(x), batch_size):
+            model(x[start:start + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(captured).float().cpu()
+
+
+def pca_2d(features: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """(n, 2) coordinates on the first two principal components, and their explained variance
+    ratios."""
+    centred = features - features.mean(dim=0)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    variance = s.square()
+    ratios = (variance[:2] / variance.sum().clamp_min(1e-12)).tolist()
+    return centred @ v[:2].T, ratios
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, split: Split, num_classes: int,
+                     batch_size: int = 1000) -> torch.Tensor:
+    """counts[true class, predicted class] over the split."""
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=split.x.device)
+    for x, y in split.batches(batch_size):
+        counts += torch.bincount(y * num_classes + model.predict(model(x)),
+                                 minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Costs
+
+
+def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward pass per sample of `x` (matrix products and convolutions)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / len(x)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trained by the optimiser, and held otherwise (local-rule weights, feedback matrices)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    other = sum(b.numel() for b in model.buffers()) + sum(
+        p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "local": other}
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+
+
+def evaluate_run(run: TrainedRun, eps_list: list[float], embed_samples: int = 2000,
+                 batch_size: int = 1000) -> dict[str, Any]:
+    """Measure one run and write eval/*.json and plots/{fgsm,embedding,confusion}.png."""
+    from bioexp.plots import plot_confusion, plot_embedding, plot_fgsm
+
+    model, test = run.model, run.data.test
+    bounds = PIXEL_RANGE[run.cfg.model.input_scale]
+    accuracy = fgsm_accuracy(model, test, eps_list, bounds, batch_size)
+    fgsm = {"eps": eps_list, "accuracy": accuracy, "n_test": len(test),
+            "gradient": attack_gradient(model),
+            "eps_units": "fraction of the pixel range (the [0, 1] scale)"}
+    write_json(run.path / EVAL_DIR / "fgsm.json", fgsm)
+
+    counts = confusion_matrix(model, test, run.data.num_classes, batch_size)
+    representation: dict[str, Any] = {"confusion": counts.tolist()}
+    layer = last_hidden_layer(model)
+    sample = test.x[:embed_samples]
+    if layer is not None:
+        coords, ratios = pca_2d(hidden_features(model, layer[1], sample, batch_size))
+        representation.update(layer=layer[0], n=len(sample), explained_variance=ratios)
+        plot_embedding(coords, test.y[:embed_samples].cpu(), run.path / "plots" / "embedding.png",
+                       title=f"{run.name}: input of {layer[0]}", explained=ratios)
+    write_json(run.path / EVAL_DIR / "representation.json", representation)
+    plot_confusion(counts, run.path / "plots" / "confusion.png", title=run.name)
+
+    efficiency = {"parameters": parameter_counts(model),
+                  "flops_per_sample": forward_flops(model, test.x[:64]),
+                  "wall_time_s": run.summary.get("wall_time_s"),
+                  "phases": run.summary.get("phases", [])}
+    write_json(run.path / EVAL_DIR / "efficiency.json", efficiency)
+    plot_fgsm({run.name: (eps_list, accuracy)}, run.path / "plots" / "fgsm.png")
+    return {"fgsm": fgsm, "representation": representation, "efficiency": efficiency}

@@ -1,0 +1,137 @@
+"""`bioexp eval`: FGSM, representations and costs of trained runs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import bioexp_command, output_of
+
+from bioexp.evaluate import (
+    PIXEL_RANGE,
+    fgsm_accuracy,
+    fgsm_inputs,
+    forward_flops,
+    input_gradient_sign,
+    last_hidden_layer,
+    load_run,
+    pca_2d,
+)
+from bioexp.layers.feedback import exact_backprop
+from bioexp.records import read_json
+from bioexp.registry import build_model
+
+# Enough synthetic data and epochs for a model that is really trained (test accuracy near 1).
+TRAINED = ("data=synthetic", "data.n_train=2000", "data.n_test=500", "schedule.supervised.epochs=4",
+           "schedule.supervised.batch_size=32",
+           "progress=false", "device=cpu")
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bp_mlp run (trained to test accuracy 1) and a small krotov_fc run (barely trained:
+    it is here for the local-rule layer), by the real command."""
+    root = tmp_path_factory.mktemp("eval")
+    env = {**os.environ, "XDG_CACHE_HOME": str(root / "cache")}
+    for folder, extra in (("0_bp_mlp", ["model=bp_mlp"]),
+                          ("1_krotov_fc", ["model=krotov_fc", "model.hidden=64",
+                                           "model.head=[32]", "schedule.unsupervised.epochs=2"])):
+        result = subprocess.run([*bioexp_command(), "train", *extra, *TRAINED,
+                                 f"hydra.run.dir={root / 'runs' / folder}"],
+                                capture_output=True, text=True, cwd=root, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return root / "runs"
+
+
+def test_fgsm_keeps_pixels_in_range() -> None:
+    x = torch.rand(64, 1, 4, 4)
+    sign = torch.randn_like(x).sign()
+    for scale, (low, high) in PIXEL_RANGE.items():
+        xs = x * (high - low) + low
+        adv = fgsm_inputs(xs, sign, 0.3, (low, high))
+        assert adv.min() >= low and adv.max() <= high, scale
+        inside = (xs + 0.3 * (high - low) * sign - adv).abs() < 1e-6
+        assert inside.any()  # where no clamping was needed, the step is eps times the range
+        assert torch.equal(fgsm_inputs(xs, sign, 0.0, (low, high)), xs)
+
+
+def test_feedback_layers_are_attacked_through_their_true_gradient() -> None:
+    torch.manual_seed(0)
+    model = build_model("fa_mlp", (1, 8, 8), 10, hidden=[32])
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    sign = input_gradient_sign(model, x, y)
+    xg = x.clone().requires_grad_(True)
+    with exact_backprop(model):
+        (exact,) = torch.autograd.grad(model.loss(model(xg), y), xg)
+    xf = x.clone().requires_grad_(True)
+    (through_b,) = torch.autograd.grad(model.loss(model(xf), y), xf)
+    assert torch.equal(sign, exact.sign())
+    assert not torch.equal(sign, through_b.sign())  # B is not W: the training signal differs
+
+
+def test_pca_and_flops_on_known_inputs() -> None:
+    line = torch.arange(100.0)[:, None] * torch.tensor([[3.0, 4.0, 0.0]])  # all on one line
+    coords, ratios = pca_2d(line)
+    assert ratios[0] == pytest.approx(1.0) and coords.shape == (100, 2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    assert forward_flops(model, torch.rand(8, 1, 28, 28)) == 2 * 784 * 10
+
+
+def test_eval_of_trained_runs_writes_files_that_compare_reads(bioexp, trained_runs, tmp_path):
+    runs = sorted(p for p in trained_runs.iterdir() if (p / "summary.json").is_file())
+    assert len(runs) == 2
+    result = bioexp("eval", *map(str, runs), "--plot", str(tmp_path / "fgsm.png"))
+    assert result.returncode == 0, output_of(result)
+    assert (tmp_path / "fgsm.png").stat().st_size > 5000
+    for run in runs:
+        summary = read_json(run / "summary.json")
+        fgsm = read_json(run / "eval" / "fgsm.json")
+        assert fgsm["eps"][0] == 0.0
+        assert fgsm["accuracy"][0] == summary["test_acc"]  # eps 0 is the clean accuracy
+        if summary["model"] == "bp_mlp":  # trained to test accuracy 1: the attack has work
+            assert summary["test_acc"] > 0.9
+            accuracy = fgsm["accuracy"]
+            assert all(b <= a for a, b in zip(accuracy, accuracy[1:], strict=False)), accuracy
+            assert accuracy[-1] < accuracy[0]
+        representation = read_json(run / "eval" / "representation.json")
+        confusion = torch.tensor(representation["confusion"])
+        assert confusion.sum() == fgsm["n_test"]
+        assert confusion.trace() / confusion.sum() == pytest.approx(summary["test_acc"])
+        efficiency = read_json(run / "eval" / "efficiency.json")
+        assert efficiency["flops_per_sample"] > 0 and efficiency["parameters"]["trainable"] > 0
+        for plot in ("fgsm", "embedding", "confusion"):
+            assert (run / "plots" / f"{plot}.png").is_file(), plot
+    krotov = read_json(runs[1] / "eval" / "efficiency.json")
+    assert krotov["parameters"]["local"] >= 64 * 784  # the Krotov layer's weights
+    compared = bioexp("compare", str(trained_runs), "--csv", str(tmp_path / "t.csv"))
+    assert compared.returncode == 0 and "fgsm@0.1" in compared.stdout
+    with open(tmp_path / "t.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row, run in zip(rows, runs, strict=True):
+        at = dict(zip(*(read_json(run / "eval" / "fgsm.json")[k] for k in ("eps", "accuracy")),
+                      strict=True))
+        assert float(row["fgsm@0.1"]) == pytest.approx(at[0.1])
+        assert float(row["MFLOP"]) > 0
+
+
+def test_the_in_process_attack_matches_the_files(trained_runs) -> None:
+    run_dir = sorted(p for p in trained_runs.iterdir() if (p / "summary.json").is_file())[0]
+    run = load_run(run_dir, torch.device("cpu"))
+    assert last_hidden_layer(run.model) is not None
+    accuracy = fgsm_accuracy(run.model, run.data.test, [0.0, 0.1], PIXEL_RANGE["unit"])
+    assert accuracy[0] == read_json(run_dir / "summary.json")["test_acc"]
+
+
+def test_eval_errors_are_one_line(bioexp, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    missing = bioexp("eval", str(tmp_path / "empty"))
+    assert missing.returncode != 0 and "has no checkpoint" in missing.stderr
+    bad_eps = bioexp("eval", str(tmp_path / "empty"), "--eps", "0,2")
+    assert bad_eps.returncode == 2 and "--eps" in bad_eps.stderr
+    nowhere = bioexp("eval", str(tmp_path / "nope"))
+    assert nowhere.returncode != 0 and "is not a folder" in nowhere.stderr
+    assert "Traceback" not in missing.stderr + bad_eps.stderr + nowhere.stderr
