@@ -224,6 +224,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return previous_summary
     recorder = RunRecorder(run_dir)
     recorder.summary = dict(previous_summary)
+    if saved is None and recorder.metrics_path.exists():
+        recorder.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
     start = time.perf_counter() - float(previous_summary.get("wall_time_s") or 0.0)
     recorder.update_summary(
         status="running", model=cfg.model.get("name"), dataset=cfg.data.get("name"),
