@@ -6,9 +6,10 @@ same jobs in parallel processes (hydra/launcher=parallel, hydra-joblib-launcher)
 The jobs are `bp_mlp` on Fashion-MNIST, 2 epochs of batch 32, with seeds 0..jobs-1, unless
 overrides after `--` say otherwise. Small batches leave a second thread little to do, so two
 processes on two cores finish such jobs sooner than one process with two threads; a job that
-already keeps every core busy (batch 128 or more) gains little. The sequential jobs use torch's default thread count; the
-parallel workers get cores // workers threads each (joblib's rule). Prints the median wall time
-of the whole `bioexp train -m` command for each launcher, and every job's test accuracy.
+already keeps every core busy (batch 128 or more) gains little. The sequential jobs use torch's
+default thread count; the parallel workers get cores // workers threads each (joblib's rule).
+Prints the median wall time of the whole `bioexp train -m` command for each launcher, and every
+job's test accuracy.
 """
 
 from __future__ import annotations
