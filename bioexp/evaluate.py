@@ -202,8 +202,10 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 def evaluate_run(run: TrainedRun, eps_list: list[float], embed_samples: int = 2000,
                  batch_size: int = 1000) -> dict[str, Any]:
-    """Measure one run and write eval/*.json and plots/{fgsm,embedding,confusion}.png."""
+    """Measure one run and write eval/*.json and plots/{fgsm,embedding,confusion}.png, and,
+    for models with local-rule layers, plots/receptive_fields.png (and win_counts.png)."""
     from bioexp.plots import plot_confusion, plot_embedding, plot_fgsm
+    from bioexp.train import plot_local_layer
 
     model, test = run.model, run.data.test
     bounds = PIXEL_RANGE[run.cfg.model.input_scale]
@@ -224,6 +226,7 @@ def evaluate_run(run: TrainedRun, eps_list: list[float], embed_samples: int = 20
                        title=f"{run.name}: input of {layer[0]}", explained=ratios)
     write_json(run.path / EVAL_DIR / "representation.json", representation)
     plot_confusion(counts, run.path / "plots" / "confusion.png", title=run.name)
+    plot_local_layer(model, run.data.input_shape, run.path / "plots", run.name)
 
     efficiency = {"parameters": parameter_counts(model),
                   "flops_per_sample": forward_flops(model, test.x[:64]),

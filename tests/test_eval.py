@@ -105,6 +105,7 @@ def test_eval_of_trained_runs_writes_files_that_compare_reads(bioexp, trained_ru
         assert efficiency["flops_per_sample"] > 0 and efficiency["parameters"]["trainable"] > 0
         for plot in ("fgsm", "embedding", "confusion"):
             assert (run / "plots" / f"{plot}.png").is_file(), plot
+    assert (runs[1] / "plots" / "receptive_fields.png").is_file()  # the Krotov layer's weights
     krotov = read_json(runs[1] / "eval" / "efficiency.json")
     assert krotov["parameters"]["local"] >= 64 * 784  # the Krotov layer's weights
     compared = bioexp("compare", str(trained_runs), "--csv", str(tmp_path / "t.csv"))
