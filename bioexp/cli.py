@@ -73,7 +73,7 @@ def resume_arguments(args: Sequence[str]) -> list[str]:
     folder = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     if not folder:
         return list(args)
-    from bioexp.train import RESUME_FREE_KEYS
+    from bioexp.config import RESUME_FREE_KEYS
 
     for arg in args:
         key = arg.split("=", 1)[0].lstrip("+~")

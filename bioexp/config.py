@@ -104,6 +104,10 @@ def check_bool(cfg: DictConfig, key: str) -> None:
         raise _fail(key, "true or false", value)
 
 
+# Top-level keys that may differ between a run and its resumption: they change no result.
+RESUME_FREE_KEYS = ("resume", "progress", "threads", "checkpoint_every_min")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the values the engine and data layer read; ConfigError names the first bad one."""
     check_int(cfg, "seed")

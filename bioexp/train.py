@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 import bioexp
 from bioexp.cache import Phase1Cache, phase1_key
 from bioexp.compare import find_runs, flatten, run_table, runs_table, text_table
-from bioexp.config import config_dir, validate
+from bioexp.config import RESUME_FREE_KEYS, config_dir, validate
 from bioexp.data import load_dataset
 from bioexp.engine import Diverged, Schedule, fit, local_layers
 from bioexp.errors import BioexpError, ConfigError, DeviceError
@@ -147,8 +147,6 @@ class StopRequest:
 
 # The checkpoint layout; a file without it is refused on resume.
 CHECKPOINT_FORMAT = 1
-# Config keys that may differ between a run and its resumption: they change no result.
-RESUME_FREE_KEYS = ("resume", "progress", "threads", "checkpoint_every_min")
 # Statuses after which re-running into the same folder trains nothing more.
 FINISHED = ("completed", "diverged")
 

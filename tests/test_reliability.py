@@ -151,36 +151,29 @@ def test_a_finished_run_is_not_trained_again_and_a_changed_config_is_refused(bio
     assert read_json(run_dir / "summary.json") == summary
 
 
-def test_resume_errors_name_the_folder_or_the_checkpoint(bioexp, tmp_path) -> None:
-    done = tmp_path / "done"
-    assert bioexp("train", *TINY, f"hydra.run.dir={done}").returncode == 0
-    other = tmp_path / "other"
-    assert bioexp("train", *TINY, "model=fa_mlp", "model.hidden=[16]",
-                  f"hydra.run.dir={other}").returncode == 0
+def test_resume_errors_name_the_folder_or_the_checkpoint(bioexp, reference, tmp_path) -> None:
     cases = {}
     empty = tmp_path / "bad" / "empty"
     empty.mkdir(parents=True)
     cases["missing"] = (empty, "has no checkpoint to resume from")
-    for name, damage in (("corrupt", lambda b: b"not a checkpoint"),
-                         ("truncated", lambda b: b[:len(b) // 2])):
-        folder = tmp_path / "bad" / name
-        shutil.copytree(done, folder)
-        (folder / "summary.json").unlink()  # an unfinished run, so that it would resume
-        ckpt = folder / "checkpoints" / "last.pt"
-        ckpt.write_bytes(damage(ckpt.read_bytes()))
-        cases[name] = (folder, "is corrupt or truncated")
+    corrupt = tmp_path / "bad" / "corrupt"
+    shutil.copytree(reference["long"], corrupt)
+    (corrupt / "summary.json").unlink()  # an unfinished run, so that it would resume
+    ckpt = corrupt / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    cases["corrupt"] = (corrupt, "is corrupt or truncated")
     foreign = tmp_path / "bad" / "foreign"
-    shutil.copytree(done, foreign)
+    shutil.copytree(reference["long"], foreign)
     (foreign / "summary.json").unlink()
-    shutil.copy(other / "checkpoints" / "last.pt", foreign / "checkpoints" / "last.pt")
-    cases["foreign"] = (foreign, "holds a run with another config (model.")
+    shutil.copy(reference["krotov"] / "checkpoints" / "last.pt", foreign / "checkpoints")
+    cases["foreign"] = (foreign, "holds a run with another config (")
     for name, (folder, needle) in cases.items():
         result = bioexp("train", f"resume={folder}")
         assert_clean_failure(result, tmp_path / "bad", needle)
         assert str(folder) in result.stderr, name
     nowhere = bioexp("train", f"resume={tmp_path / 'nope'}")
     assert nowhere.returncode == 2 and "no such run folder" in nowhere.stderr
-    extra = bioexp("train", f"resume={done}", "model=cnn")
+    extra = bioexp("train", f"resume={reference['long']}", "model=cnn")
     assert extra.returncode == 2 and "drop model=cnn" in extra.stderr
 
 
