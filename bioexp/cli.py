@@ -13,7 +13,6 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 
 from bioexp import __version__
 from bioexp.errors import BioexpError
@@ -185,7 +184,7 @@ def compare_command(args: Sequence[str]) -> None:
     if opts.csv:
         _write(opts.csv, lambda path: compare.write_csv(path, table))
     if opts.plot:
-        _write(opts.plot, lambda path: _plot_comparison(compare, runs, by, opts.metric, path))
+        _write(opts.plot, lambda path: _plot_comparison(runs, by, opts.metric, path))
 
 
 def _write(name: str, write: Callable[[Path], object]) -> None:
@@ -198,8 +197,8 @@ def _write(name: str, write: Callable[[Path], object]) -> None:
     print(f"wrote {name}", file=sys.stderr)
 
 
-def _plot_comparison(compare: ModuleType, runs: list, by: list[str], metric: str,
-                     path: Path) -> None:
+def _plot_comparison(runs: list, by: list[str], metric: str, path: Path) -> None:
+    from bioexp import compare
     from bioexp.plots import plot_comparison
 
     groups = compare.plot_groups(runs, by)

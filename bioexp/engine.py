@@ -398,9 +398,10 @@ class _Fit:
         if self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s:
             self.save(partial())
 
-    def end_of_epoch(self, phase: str, epoch: int, step: int) -> None:
-        """Move to the next epoch, write a checkpoint, and stop here if asked to."""
-        self.pos = Position(phase, epoch + 1, 0, step)
+    def boundary(self, position: Position) -> None:
+        """Move to `position` (the start of an epoch), write a checkpoint, and stop here if
+        asked to."""
+        self.pos = position
         self.save()
         if self.stop is not None and self.stop():
             raise Interrupted()
@@ -462,15 +463,15 @@ class _Fit:
                 "elapsed_s": round(self.elapsed(), 3), **stats})
             log.info("unsupervised epoch %d/%d: %.1fs", epoch + 1, unsup.epochs, seconds)
             if epoch + 1 < unsup.epochs:
-                self.end_of_epoch("unsupervised", epoch, step)
+                self.boundary(Position("unsupervised", epoch + 1, 0, step))
             else:
                 self.pos = Position("unsupervised", epoch + 1, 0, step)
         self.record_phase(unsup, len(train) * unsup.epochs)
         if self.phase1_cache is not None:
             self.phase1_cache.save(model.body)
             self.result.phase1_cache_hit = False
-        self.begin_phase("supervised")
-        self.end_of_epoch("supervised", -1, self.pos.step)  # checkpoint: phase 2 not begun
+        self.begin_phase("supervised")  # phase 2's clock starts at 0 in this checkpoint
+        self.boundary(self.pos)
 
     def phase2(self, locals_: list[LocalLayer]) -> None:
         """Phase 2 (or the only phase): the optimiser trains every parameter that requires
@@ -547,7 +548,7 @@ class _Fit:
                      epoch + 1, sup.epochs, train_loss, train_acc, row["test_loss"],
                      row["test_acc"], seconds)
             if epoch + 1 < sup.epochs:
-                self.end_of_epoch("supervised", epoch, step)
+                self.boundary(Position("supervised", epoch + 1, 0, step))
             else:
                 self.pos = Position("supervised", epoch + 1, 0, step)
         self.record_phase(sup, len(train) * sup.epochs)

@@ -30,8 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bioexp.data import Dataset, Split, load_dataset
 from bioexp.errors import ConfigError
 from bioexp.layers.feedback import FeedbackLayer, exact_backprop
-from bioexp.records import CHECKPOINT, SUMMARY, read_json, write_json
-from bioexp.registry import build_model
+from bioexp.records import CHECKPOINT, SUMMARY, load_checkpoint, read_json, write_json
+from bioexp.registry import build_model, parameter_counts
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 PIXEL_RANGE = {"unit": (0.0, 1.0), "symmetric": (-1.0, 1.0)}  # model.input_scale -> bounds
@@ -54,13 +54,7 @@ class TrainedRun:
 def read_weights(path: Path) -> dict[str, Any]:
     """A checkpoint's weights and config. Any bioexp checkpoint has them, including those
     written before the resumable format, so older runs can be evaluated too."""
-    if not path.is_file():
-        raise ConfigError(f"{path.parent.parent} has no checkpoint ({CHECKPOINT}) to evaluate")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file fails in many ways
-        raise ConfigError(f"checkpoint {path} is corrupt or truncated and cannot be read "
-                          f"({type(exc).__name__})") from None
+    checkpoint = load_checkpoint(path, "evaluate")
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise ConfigError(f"{path} is not a bioexp checkpoint (it has no model and config)")
     return checkpoint
@@ -68,7 +62,7 @@ def read_weights(path: Path) -> dict[str, Any]:
 
 def load_run(folder: Path, device: torch.device, test_limit: int | None = None) -> TrainedRun:
     """The trained model of a run folder (its last checkpoint), with the run's test data."""
-    from bioexp.train import MODEL_META_KEYS
+    from bioexp.train import load_model_state, model_hyperparameters
 
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder")
@@ -77,14 +71,9 @@ def load_run(folder: Path, device: torch.device, test_limit: int | None = None) 
     if test_limit is not None:
         cfg.data.test_limit = test_limit
     data = load_dataset(cfg.data, cfg.model.input_scale, device)
-    hparams = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-               if k not in MODEL_META_KEYS}
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, **hparams)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise ConfigError(f"the checkpoint in {folder} does not fit model {cfg.model.name}: "
-                          f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes,
+                        **model_hyperparameters(cfg))
+    load_model_state(model, checkpoint["model"], folder, cfg.model.name)
     summary = read_json(folder / SUMMARY) if (folder / SUMMARY).is_file() else {}
     return TrainedRun(folder, cfg, model.to(device).eval(), data, summary)
 
@@ -186,14 +175,6 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return counter.get_total_flops() / len(x)
-
-
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Trained by the optimiser, and held otherwise (local-rule weights, feedback matrices)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    other = sum(b.numel() for b in model.buffers()) + sum(
-        p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable": trainable, "local": other}
 
 
 # ----------------------------------------------------------------------------------------------

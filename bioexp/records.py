@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bioexp.errors import ConfigError
+
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoints/last.pt"
@@ -68,6 +70,20 @@ def read_metrics(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def load_checkpoint(path: Path, purpose: str) -> dict[str, Any]:
+    """The content of a checkpoint file, or ConfigError naming the file: missing (the run has
+    nothing to `purpose`), or unreadable."""
+    import torch
+
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: the run has no checkpoint to {purpose}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file fails in many ways
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated and cannot be read "
+                          f"({type(exc).__name__})") from None
 
 
 class RunRecorder:

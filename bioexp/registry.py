@@ -130,3 +130,12 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
     check_hyperparameters(name, hyperparameters)
     factory = get_model_entry(name).factory
     return factory(input_shape=tuple(input_shape), num_classes=num_classes, **hyperparameters)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Numbers trained by the optimiser, and held otherwise (local-rule weights, feedback
+    matrices, frozen parameters, other buffers)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    local = sum(b.numel() for b in model.buffers()) + sum(
+        p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "local": local}

@@ -38,8 +38,15 @@ from bioexp.data import load_dataset
 from bioexp.engine import Diverged, Schedule, fit, local_layers
 from bioexp.errors import BioexpError, ConfigError, DeviceError
 from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
-from bioexp.records import CHECKPOINT, SUMMARY, RunRecorder, atomic_write, read_json
-from bioexp.registry import build_model, check_hyperparameters
+from bioexp.records import (
+    CHECKPOINT,
+    SUMMARY,
+    RunRecorder,
+    atomic_write,
+    load_checkpoint,
+    read_json,
+)
+from bioexp.registry import build_model, check_hyperparameters, parameter_counts
 
 log = logging.getLogger("bioexp")
 
@@ -152,18 +159,28 @@ FINISHED = ("completed", "diverged")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A bioexp checkpoint, or ConfigError naming the file and what is wrong with it."""
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: the run has no checkpoint to resume from")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file fails in many ways
-        raise ConfigError(f"checkpoint {path} is corrupt or truncated and cannot be read "
-                          f"({type(exc).__name__})") from None
+    """A resumable bioexp checkpoint, or ConfigError naming the file and what is wrong."""
+    checkpoint = load_checkpoint(path, "resume from")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a checkpoint of this bioexp version (format "
                           f"{CHECKPOINT_FORMAT}); start the run again in a new folder")
     return checkpoint
+
+
+def model_hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The `model` node's keys that are factory arguments."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+            if k not in MODEL_META_KEYS}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, run_dir: Path, name: str) -> None:
+    """Load a checkpoint's weights, or ConfigError when they do not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ConfigError(f"the checkpoint in {run_dir} does not fit model {name}: {first}"
+                          ) from None
 
 
 def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -238,8 +255,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stop = StopRequest()
     try:
         validate(cfg)
-        hparams = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-                   if k not in MODEL_META_KEYS}
+        hparams = model_hyperparameters(cfg)
         check_hyperparameters(cfg.model.name, hparams)
         device = resolve_device(cfg.device)
         if cfg.get("threads") is not None:
@@ -250,15 +266,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model = build_model(cfg.model.name, input_shape, data.num_classes, **hparams)
         model = model.to(device)
         schedule = Schedule.from_cfg(cfg.schedule)
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_local = sum(b.numel() for b in model.buffers()) + sum(
-            p.numel() for p in model.parameters() if not p.requires_grad)
+        counts = parameter_counts(model)
         recorder.update_summary(device=str(device), data_origin=data.origin,
                                 input_shape=list(data.input_shape), num_classes=data.num_classes,
-                                parameters={"trainable": n_trainable, "other": n_local},
+                                parameters={"trainable": counts["trainable"],
+                                            "other": counts["local"]},
                                 environment=environment(device))
-        log.info("model %s: %d trainable parameters, device %s", cfg.model.name, n_trainable,
-                 device)
+        log.info("model %s: %d trainable parameters, device %s", cfg.model.name,
+                 counts["trainable"], device)
 
         def checkpoint(state: dict) -> None:
             recorder.save_checkpoint({"format": CHECKPOINT_FORMAT, "model_name": cfg.model.name,
@@ -267,12 +282,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         cache = phase1_cache(cfg, model, schedule, device)  # keyed on the initial weights
         if saved is not None:
-            try:
-                model.load_state_dict(saved["model"])
-            except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[-1].strip()
-                raise ConfigError(f"the checkpoint in {run_dir} does not fit model "
-                                  f"{cfg.model.name}: {first}") from None
+            load_model_state(model, saved["model"], run_dir, cfg.model.name)
         with stop.installed():
             result = fit(model, data, schedule, recorder, seed=cfg.seed,
                          eval_batch_size=cfg.eval_batch_size, progress=_show_progress(cfg),
