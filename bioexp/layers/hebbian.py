@@ -61,5 +61,4 @@ class HebbianLinear(LocalLayer):
 
     def extra_repr(self) -> str:
         d, h = self.weight.shape
-        return (f"in_features={d}, out_features={h}, rule={type(self.rule).__name__}, "
-                f"normalize={self.normalize}")
+        return f"in_features={d}, out_features={h}, rule={self.rule!r}, normalize={self.normalize}"

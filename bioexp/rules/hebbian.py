@@ -17,6 +17,7 @@ buffers, so they are checkpointed) and return the next state.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -27,7 +28,11 @@ RuleName = Literal["hebb", "oja", "gupta", "gupta_local"]
 
 
 class HebbianRule:
-    """`(x, y, w, state) -> (dw, state)`; stateless rules ignore and return an empty state."""
+    """`(x, y, w, state) -> (dw, state)`; stateless rules ignore and return an empty state.
+
+    Rules are frozen dataclasses: their fields are their settings, which `repr` shows and the
+    phase-1 cache key hashes.
+    """
 
     def initial_state(self, w: torch.Tensor) -> State:
         return {}
@@ -37,6 +42,7 @@ class HebbianRule:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
 class Hebb(HebbianRule):
     """dW = x^T y, summed over the batch."""
 
@@ -44,6 +50,7 @@ class Hebb(HebbianRule):
         return x.T @ y, state
 
 
+@dataclass(frozen=True)
 class Oja(HebbianRule):
     """Oja's subspace rule: dW = x^T y - W (y^T y), computed as (x - y W^T)^T y.
 
@@ -90,6 +97,7 @@ def keep_top(update: torch.Tensor, percentile: float, dim: int | None = None) ->
     return torch.where(update < threshold, 0.0, update)
 
 
+@dataclass(frozen=True)
 class Gupta(HebbianRule):
     """HebbNet: dW = sparsify(x^T y - mean of the earlier x^T y), keeping the top (100 - p)%.
 
@@ -98,11 +106,12 @@ class Gupta(HebbianRule):
     are no earlier products and the threshold is zero.
     """
 
-    def __init__(self, sparsity: float, per_unit: bool = False):
-        if not 0 <= sparsity < 100:
-            raise ValueError(f"sparsity must be a percentile in [0, 100), got {sparsity!r}")
-        self.sparsity = sparsity
-        self.per_unit = per_unit
+    sparsity: float
+    per_unit: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparsity < 100:
+            raise ValueError(f"sparsity must be a percentile in [0, 100), got {self.sparsity!r}")
 
     def initial_state(self, w):
         return {"mean": torch.zeros_like(w), "steps": torch.zeros((), device=w.device)}
