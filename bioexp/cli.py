@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
+import shutil
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -150,17 +153,20 @@ def compare_command(args: Sequence[str]) -> None:
                              "dotted config key); groups show mean, std and count")
     parser.add_argument("--metric", default="test_acc",
                         help="summary.json field that --by and --plot aggregate (default "
-                             "test_acc; val_acc, best_test_acc, wall_time_s, ...)")
+                             "test_acc; val_acc, best_test_acc, wall_time_s, ...; final, best "
+                             "and val name the accuracies too)")
     parser.add_argument("--sort", default=None,
-                        help="column to sort by (numbers largest first), e.g. test_acc")
+                        help="column to sort by (numbers largest first), e.g. test_acc or "
+                             "final (the same column)")
     parser.add_argument("--md", default=None, help="also write the table to this Markdown file")
     parser.add_argument("--csv", default=None,
                         help="also write the table to this CSV file (full precision)")
     parser.add_argument("--plot", default=None,
                         help="also draw learning curves per group and a bar chart of the final "
                              "metric into this image file (.png, .pdf, .svg)")
-    parser.add_argument("--width", type=int, default=100,
-                        help="fit the printed table to this many columns (default 100)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="fit the printed table to this many columns (default: the "
+                             "terminal's width, 100 when not printing to a terminal)")
     opts = parser.parse_args(args)
     runs = []
     for folder in opts.folders:
@@ -172,19 +178,29 @@ def compare_command(args: Sequence[str]) -> None:
             _fail(f"no runs (folders with summary.json or .hydra/config.yaml) under {folder}")
         runs += found
     by = [key.strip() for key in opts.by.split(",") if key.strip()] if opts.by else []
-    table = compare.group_table(runs, by, opts.metric) if by else compare.run_table(runs)
+    metric = compare.metric_field(opts.metric)
+    problems = [(f"--by {key}", compare.missing_key(runs, key)) for key in by]
+    problems.append((f"--metric {opts.metric}", compare.missing_key(runs, metric, metric=True)))
+    for option, problem in problems:
+        if problem:
+            _fail(f"{option}: {problem}")
+    table = compare.group_table(runs, by, metric) if by else compare.run_table(runs)
     if opts.sort:
         try:
             table = compare.sort_table(table, opts.sort)
         except ValueError as exc:
             _fail(f"--sort: {exc}")
-    print(compare.text_table(table, opts.width), flush=True)
+    width = opts.width if opts.width is not None else shutil.get_terminal_size((100, 24)).columns
+    print(compare.text_table(table, width), flush=True)
+    if by:
+        for line in compare.mixed_groups(runs, by):  # means over runs that differ in more
+            print(f"warning: {line}", file=sys.stderr)
     if opts.md:
         _write(opts.md, lambda path: path.write_text(compare.markdown_table(table) + "\n"))
     if opts.csv:
         _write(opts.csv, lambda path: compare.write_csv(path, table))
     if opts.plot:
-        _write(opts.plot, lambda path: _plot_comparison(runs, by, opts.metric, path))
+        _write(opts.plot, lambda path: _plot_comparison(runs, by, metric, path))
 
 
 def _write(name: str, write: Callable[[Path], object]) -> None:
@@ -272,3 +288,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         handlers[command](rest)
     except BioexpError as exc:
         _fail(str(exc), exc.exit_code)
+    except BrokenPipeError:  # `bioexp compare ... | head` closed the pipe: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import math
 import os
 import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bioexp.config import RESUME_FREE_KEYS
 from bioexp.records import read_json, read_metrics
 
 SUMMARY = "summary.json"
@@ -32,6 +35,11 @@ GROUPS = ("model", "data", "schedule")  # config groups shown as columns
 PHASE_LABELS = {"unsupervised": "unsup", "supervised": "sup"}
 # Accuracy columns of the per-run table -> their summary.json fields.
 ACCURACY_COLUMNS = {"final": "test_acc", "best": "best_test_acc", "val": "val_acc"}
+# Both spellings work wherever a column or metric is named: `final` <-> `test_acc`, ...
+ALIASES = {**ACCURACY_COLUMNS, **{field: name for name, field in ACCURACY_COLUMNS.items()}}
+GROUP_FIELDS = {"data": "dataset"}  # summary.json fields of config groups named otherwise
+# Config keys in which the runs of one `--by` group may differ without a warning.
+UNCOMPARED_KEYS = ("seed", *RESUME_FREE_KEYS)
 NO_SUMMARY = "no summary"  # a job folder whose run never wrote summary.json
 SKIP_DIRS = {".hydra", "checkpoints", "plots", ".submitit", "eval"}  # never hold runs
 EVAL_FILES = ("fgsm", "efficiency")  # what `bioexp eval` wrote that tables show
@@ -65,8 +73,14 @@ class Run:
         """A config group's choice (`model`, `data`, `schedule`), any dotted config key, or a
         summary.json field."""
         if key in GROUPS:
-            return self.config.get(f"{key}.name", self.summary.get(key))
+            return self.config.get(f"{key}.name", self.summary.get(GROUP_FIELDS.get(key, key)))
         return self.config[key] if key in self.config else self.summary.get(key)
+
+    def has(self, key: str) -> bool:
+        """Whether the run knows `key` at all (as `value` reads it), whatever its value."""
+        if key in GROUPS:
+            return self.value(key) is not None
+        return key in self.config or key in self.summary
 
     def number(self, key: str) -> float | None:
         """A summary.json field as a float, None when absent or not a number."""
@@ -260,6 +274,51 @@ def group_runs(runs: list[Run], by: list[str]) -> dict[tuple[str, ...], list[Run
     return groups
 
 
+def metric_field(name: str) -> str:
+    """The summary.json field a metric names: `final`, `best` and `val` (the table's names)
+    stand for `test_acc`, `best_test_acc` and `val_acc`."""
+    return ACCURACY_COLUMNS.get(name, name)
+
+
+def missing_key(runs: list[Run], key: str, metric: bool = False) -> str | None:
+    """None when some run has `key` (a config group, a dotted config key or a summary.json
+    field; a summary.json field or an accuracy for a `metric`), else why not in a few words,
+    with the keys the runs have that come closest."""
+    if metric:
+        if key in ACCURACY_COLUMNS.values() or any(key in r.summary for r in runs):
+            return None
+        keys = {k for r in runs for k, v in r.summary.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    else:
+        if any(r.has(key) for r in runs):
+            return None
+        keys = {*GROUPS, *(k for r in runs for k in (*r.config, *r.summary))}
+    names = sorted(keys)
+    close = ([k for k in names if k.endswith("." + key)][:3]
+             or difflib.get_close_matches(key, names, n=3))
+    if close:
+        return f"no run has this key (did you mean {' or '.join(close)}?)"
+    names.sort(key=lambda k: (k not in GROUPS and k not in ALIASES, "." not in k, k))
+    return f"no run has this key (the runs have {', '.join(names[:6])}, ...)"
+
+
+def mixed_groups(runs: list[Run], by: list[str], shown: int = 5) -> list[str]:
+    """One line per `by` group whose completed runs differ in config keys other than the `by`
+    keys and those of UNCOMPARED_KEYS, naming the first `shown` of those keys."""
+    same = {*UNCOMPARED_KEYS, *by, *(f"{key}.name" for key in by if key in GROUPS)}
+    lines = []
+    for group, members in group_runs(runs, by).items():
+        configs = [r.config for r in members if r.completed and r.config]
+        keys = sorted({k for config in configs for k in config} - same)
+        differ = [k for k in keys if len({repr(config.get(k)) for config in configs}) > 1]
+        if differ:
+            label = ", ".join(f"{k}={v}" for k, v in zip(by, group, strict=True))
+            more = f" and {len(differ) - shown} more" if len(differ) > shown else ""
+            lines.append(f"group {label} mixes runs that differ in "
+                         f"{', '.join(differ[:shown])}{more}")
+    return lines
+
+
 def sort_table(table: Table, column: str) -> Table:
     """Rows by `column`, numbers largest first, then text in order; empty cells last."""
     i = find_column(table.header, column)
@@ -375,47 +434,110 @@ def short_headers(header: list[str]) -> list[str]:
 
 
 def find_column(header: list[str], name: str) -> int:
-    """The index of column `name`, given in full or as its short form; ValueError otherwise."""
+    """The index of column `name`, given in full, as its short form or, for an accuracy, by its
+    other spelling (`final` or `test_acc`); a metric also finds its grouped `<metric> mean`.
+    ValueError otherwise."""
     for names in (header, short_headers(header)):
-        if name in names:
-            return names.index(name)
+        for spelling in (name, ALIASES.get(name)):
+            for column in (spelling, f"{spelling} mean"):
+                if column in names:
+                    return names.index(column)
     raise ValueError(f"no column {name!r}; columns: {', '.join(short_headers(header))}")
 
 
-MIN_TEXT_WIDTH = 5  # a cut run name keeps its job number: `12_k…`
+# Cut text keeps at least this much: a run name its job number (`12_k…`), a value more.
+MIN_RUN_WIDTH, MIN_VALUE_WIDTH = 5, 8
+
+
+def _tails(values: list[str]) -> list[int]:
+    """For each head length h (0 up to the longest value), how many closing characters a value
+    cut to `head…tail` must keep so that values with the same first h characters stay distinct
+    (0: their heads alone tell them apart)."""
+    distinct = sorted(set(values))
+    tails = []
+    for head in range(max(map(len, distinct), default=0)):
+        same_head: dict[str, list[str]] = {}
+        for value in distinct:
+            same_head.setdefault(value[:head], []).append(value[::-1])
+        common = -1  # the longest end two values of one group share
+        for group in same_head.values():
+            group.sort()  # reversed, so values sharing the longest end are neighbours
+            for a, b in pairwise(group):
+                common = max(common, len(os.path.commonprefix([a, b])))
+        tails.append(common + 1)
+    return tails
+
+
+def _narrowest(tails: list[int]) -> int:
+    """The narrowest width at which a column's values, cut to `head…tail`, stay distinct."""
+    return min((head + 1 + tail for head, tail in enumerate(tails)), default=0)
+
+
+def _head(tails: list[int], width: int) -> int:
+    """How many opening characters a value cut to `width` keeps: as many as leave room for the
+    closing characters that keep the values distinct."""
+    return max(h for h in range(min(width, len(tails))) if h + 1 + tails[h] <= width)
+
+
+def _cut(text: str, width: int, head: int) -> str:
+    """`text` in `width` characters: its first `head`, '…', and as many of its last as fit."""
+    if len(text) <= width:
+        return text
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 def text_table(table: Table, width: int = 100) -> str:
-    """Columns separated by two spaces, fitted to `width` characters where it can be: headers
-    are shortened, config groups shared by every run move to a first line, empty columns are
-    left out, and the widest text cells (run names, override values) are cut short with '…'.
-    Numbers are never cut."""
+    """Columns separated by two spaces, fitted to `width` characters where that is possible
+    without making two different values look the same.
+
+    Headers are shortened, config groups shared by every run move to a first line and empty
+    columns are left out. Then text cells are cut to `head…tail`, never so far that two
+    different values of a column look the same: the run name first, as far as needed; override
+    values, then config groups (model names) only when that makes the table fit. Numbers,
+    statuses and headers are never cut, so a table with many of them may stay wider than
+    `width`."""
     shared = without_empty_columns(without_shared_groups(table))
     header, rows = _cells(shared)
     header = short_headers(header)
     numeric = [all(_as_number(row[i]) is not None for row in shared.rows
                    if row[i] not in (None, "")) for i in range(len(header))]
     fixed = [numeric[i] or name in ("status", "statuses") for i, name in enumerate(header)]
-    widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
+    columns = [[row[i] for row in rows] for i in range(len(header))]
+    widths = [max(map(len, [name, *cells])) for name, cells in zip(header, columns, strict=True)]
+    tails: dict[int, list[int]] = {}
+    floors = list(widths)
 
     def total() -> int:
         return sum(widths) + 2 * (len(widths) - 1)
 
-    while total() > width:
-        shrinkable = [i for i, w in enumerate(widths) if not fixed[i] and w > MIN_TEXT_WIDTH]
-        if not shrinkable:
-            break
-        widths[max(shrinkable, key=lambda j: widths[j])] -= 1  # the widest gives way first
+    def shrink(tier: list[int]) -> None:
+        while total() > width:
+            wide = [i for i in tier if widths[i] > floors[i]]
+            if not wide:
+                return
+            widths[max(wide, key=lambda j: widths[j])] -= 1  # the widest gives way first
 
-    def fit(text: str, w: int) -> str:
-        return text if len(text) <= w else text[:w - 1] + "…"
+    if total() > width:
+        for i, name in enumerate(header):
+            if not fixed[i]:
+                tails[i] = _tails(columns[i])
+                least = MIN_RUN_WIDTH if name == "run" else MIN_VALUE_WIDTH
+                floors[i] = min(widths[i], max(len(name), least, _narrowest(tails[i])))
+        shrink([i for i in tails if header[i] == "run"])
+        if sum(floors) + 2 * (len(floors) - 1) <= width:  # else cutting names gains nothing
+            shrink([i for i in tails if header[i] not in ("run", *GROUPS)])
+            shrink([i for i in tails if header[i] in GROUPS])
+    for i in tails:
+        if widths[i] < max(map(len, columns[i]), default=0):
+            head = _head(tails[i], widths[i])
+            columns[i] = [_cut(cell, widths[i], head) for cell in columns[i]]
 
     def line(cells: list[str]) -> str:
-        parts = [fit(c, w).rjust(w) if numeric[i] else fit(c, w).ljust(w)
+        parts = [c.rjust(w) if numeric[i] else c.ljust(w)
                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
         return "  ".join(parts).rstrip()
 
-    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, zip(*columns, strict=True))]
     if shared.shared:
         lines.insert(0, "every run: " + ", ".join(f"{k}={v}" for k, v in shared.shared.items()))
     return "\n".join(lines)

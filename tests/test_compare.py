@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -15,8 +16,12 @@ import yaml
 from conftest import TINY, bioexp_command, output_of
 
 from bioexp.compare import (
+    ACCURACY_COLUMNS,
+    Run,
     Table,
     find_runs,
+    group_table,
+    mixed_groups,
     run_table,
     runs_table,
     short_headers,
@@ -120,11 +125,11 @@ def test_a_real_multirun_grouped_by_model(bioexp, tmp_path: Path) -> None:
 
 
 def test_failed_and_interrupted_runs_keep_their_rows(bioexp, tmp_path: Path) -> None:
-    """One run fails (a bad hyperparameter), one is stopped by SIGTERM mid-training."""
+    """One run failed (its folder as `bioexp train` leaves it), one is stopped by SIGTERM
+    mid-training."""
     runs = tmp_path / "runs"
-    failed = bioexp("train", "model=krotov_fc", "model.k=5000", *TINY,
-                    f"hydra.run.dir={runs / 'failed'}")
-    assert failed.returncode != 0
+    fake_run(runs / "failed", ["model=krotov_fc"], {"model": {"name": "krotov_fc"}},
+             status="failed", error="RuntimeError: boom")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     job = subprocess.Popen([*bioexp_command(), "train", *TINY, "schedule.supervised.epochs=500",
                             f"hydra.run.dir={runs / 'stopped'}"], cwd=tmp_path, env=env,
@@ -161,3 +166,135 @@ def test_compare_says_when_there_is_nothing_to_compare(bioexp, tmp_path: Path) -
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr
     assert "Traceback" not in "".join(r.stderr for r in (missing, empty, bad_sort, bad_plot,
                                                          unwritable))
+
+
+MODELS = ("krotov_biocell_fa", "krotov_biocell_fc", "krotov_fc", "krotov_fa", "bp_mlp")
+
+
+def mixed_runs(root: Path) -> None:
+    """A ten-job sweep and three single runs in one folder; model names share long prefixes."""
+    for i, model in enumerate(MODELS * 2):
+        fake_run(root / "multirun/2026-11-28/10-00-00" / f"{i}_{model}_mnist",
+                 [f"model={model}", f"seed={i // 5}",
+                  f"schedule.unsupervised.lr_schedule={('cosine', 'linear')[i % 2]}"],
+                 {"model": {"name": model}, "seed": i // 5}, status="completed",
+                 test_acc=0.8 + i / 100)
+    for i, model in enumerate(MODELS[:3]):
+        fake_run(root / f"2026-11-30/1{i}-00-00_{model}_mnist", [f"model={model}"],
+                 {"model": {"name": model}}, status="completed", test_acc=0.7)
+
+
+def columns_of(text: str) -> dict[str, list[str]]:
+    """A printed table's cells by header, read at the positions of its line of dashes."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    spans = [m.span() for m in re.finditer(r"-+", lines[at])]
+    return {lines[at - 1][a:b].strip(): [row[a:b].strip() for row in lines[at + 1:]]
+            for a, b in spans}
+
+
+def test_a_mixed_folder_fits_the_width_without_making_values_alike(tmp_path: Path) -> None:
+    mixed_runs(tmp_path)
+    table = run_table(find_runs(tmp_path))
+    models, schedules = table.column("model"), table.column("schedule.unsupervised.lr_schedule")
+    whole = text_table(table, 200)
+    assert max(map(len, whole.splitlines())) == 111 and "…" not in whole
+    for width in (100, 90, 80):
+        text = text_table(table, width)
+        assert max(map(len, text.splitlines())) == width, text
+        cells = columns_of(text)
+        assert len(set(cells["run"])) == 13 and len(set(cells["model"])) == len(MODELS), text
+    at_90 = columns_of(text_table(table, 90))  # the run column gives way first
+    assert at_90["model"] == models and at_90["lr_schedule"] == schedules
+    assert at_90["run"][2:4] == ["2026-11-30/12-00-00_krotov_fc_mn…",
+                                 "multirun/2026-11-28/10-00-00/0_k…"]
+    at_80 = columns_of(text_table(table, 80))  # then model names, keeping them distinct
+    assert at_80["model"][:5] == ["krotov_bioc…a", "krotov_bioc…c", "krotov_fc", "krotov_bioc…a",
+                                  "krotov_bioc…c"]
+    assert at_80["run"][:4] == ["2…0_krotov_biocell_fa_mnist", "2…0_krotov_biocell_fc_mnist",
+                                "2…/12-00-00_krotov_fc_mnist", "m…0_krotov_biocell_fa_mnist"]
+    narrow = text_table(table, 40)  # cannot fit: wider than asked rather than ambiguous,
+    cells = columns_of(narrow)  # and names are not cut for nothing
+    assert max(map(len, narrow.splitlines())) == 84
+    assert cells["model"] == models and cells["lr_schedule"] == schedules
+    assert cells["run"] == at_80["run"]
+
+
+def test_the_table_fits_the_terminal_unless_told_a_width(bioexp, tmp_path: Path) -> None:
+    mixed_runs(tmp_path / "runs")
+    for columns, width in (("80", 80), ("", 100)):  # "": not a terminal, 100 columns
+        result = bioexp("compare", str(tmp_path / "runs"), env={"COLUMNS": columns})
+        assert result.returncode == 0, output_of(result)
+        assert max(map(len, result.stdout.splitlines())) == width, result.stdout
+    told = bioexp("compare", str(tmp_path / "runs"), "--width", "200", env={"COLUMNS": "80"})
+    assert max(map(len, told.stdout.splitlines())) == 111 and "…" not in told.stdout
+
+
+def test_both_spellings_of_an_accuracy_sort_alike(bioexp, tmp_path: Path) -> None:
+    for i, (model, test, val) in enumerate([("a", 0.7, 0.9), ("a", 0.9, 0.7), ("b", 0.85, 0.75)]):
+        fake_run(tmp_path / f"{i}_run", [f"model={model}", f"seed={i}"], {"model": {"name": model}},
+                 status="completed", test_acc=test, best_test_acc=test, val_acc=val)
+    runs = find_runs(tmp_path)
+    table = run_table(runs)
+    assert sort_table(table, "test_acc").column("run") == ["1_run", "2_run", "0_run"]
+    assert sort_table(table, "val_acc").column("run") == ["0_run", "2_run", "1_run"]
+    for name, field in ACCURACY_COLUMNS.items():
+        assert sort_table(table, field).rows == sort_table(table, name).rows
+    grouped = group_table(runs, ["model"], "val_acc")
+    for name in ("val", "val_acc", "val_acc mean"):  # the grouped table's mean
+        assert sort_table(grouped, name).column("model") == ["a", "b"]
+    outputs = {bioexp("compare", str(tmp_path), "--by", "model", "--metric", metric, "--sort",
+                      sort).stdout for metric in ("best", "best_test_acc")
+               for sort in ("best", "best_test_acc")}
+    (output,) = outputs
+    assert [line.split()[0] for line in output.splitlines()] == ["model", "-----", "b", "a"]
+    assert output.splitlines()[0].split()[:3] == ["model", "best_test_acc", "mean"]
+    bad = bioexp("compare", str(tmp_path), "--sort", "vall")
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "bioexp: error: --sort: no column 'vall'; columns: run, model, data, schedule, seed, "
+        "status, final, best, val, time s, rss MB"]
+
+
+def test_unknown_keys_fail_and_groups_that_mix_settings_warn(bioexp, tmp_path: Path) -> None:
+    def run(name: str, model: str, limit: int, epochs: int, status: str = "completed",
+            **top) -> None:
+        config = {"model": {"name": model}, "data": {"name": "synthetic", "train_limit": limit},
+                  "schedule": {"supervised": {"epochs": epochs, "lr": 0.1}}, **top}
+        fake_run(tmp_path / name, [f"model={model}"], config, status=status, test_acc=0.5)
+
+    run("0_bp", "bp_mlp", 100, 2, seed=0, progress=True)
+    run("1_bp", "bp_mlp", 200, 3, seed=1, progress=False)
+    run("2_fa", "fa_mlp", 100, 2, seed=0, threads=None)
+    run("3_fa", "fa_mlp", 100, 2, seed=1, threads=4)  # seeds and threads change no result
+    run("4_fa", "fa_mlp", 500, 9, status="failed")  # nor do runs that did not complete count
+    grouped = bioexp("compare", str(tmp_path), "--by", "model")
+    assert grouped.returncode == 0, output_of(grouped)
+    assert grouped.stderr.splitlines() == [
+        "warning: group model=bp_mlp mixes runs that differ in data.train_limit, "
+        "schedule.supervised.epochs"]
+    assert [line.split()[0] for line in grouped.stdout.splitlines()] == [
+        "model", "------", "bp_mlp", "fa_mlp"]
+    by_both = bioexp("compare", str(tmp_path), "--by", "model,data.train_limit")
+    assert by_both.returncode == 0 and by_both.stderr == ""  # one run per group
+    for args, line in [
+        (("--by", "bogus.key"), "--by bogus.key: no run has this key (the runs have data, model,"
+                                " schedule, test_acc, data.name, data.train_limit, ...)"),
+        (("--by", "model,epochs"), "--by epochs: no run has this key (did you mean "
+                                   "schedule.supervised.epochs?)"),
+        (("--metric", "test_accc"), "--metric test_accc: no run has this key (did you mean "
+                                    "test_acc?)"),
+    ]:
+        result = bioexp("compare", str(tmp_path), *args)
+        assert result.returncode == 2 and result.stdout == "", output_of(result)
+        assert result.stderr.splitlines() == [f"bioexp: error: {line}"]
+
+
+def test_a_warning_names_a_handful_of_keys() -> None:
+    runs = []
+    for i in range(2):
+        config = {f"model.k{j}": i for j in range(7)} | {"model.name": "m", "seed": i}
+        runs.append(Run(Path(str(i)), {"status": "completed"}, (), config))
+    assert mixed_groups(runs, ["model"]) == [
+        "group model=m mixes runs that differ in model.k0, model.k1, model.k2, model.k3, "
+        "model.k4 and 2 more"]
+    assert mixed_groups(runs, ["model.k0"]) == []  # one run per group
