@@ -204,9 +204,11 @@ def evaluate_run(run: TrainedRun, eps_list: list[float], embed_samples: int = 20
         coords, ratios = pca_2d(hidden_features(model, layer[1], sample, batch_size))
         representation.update(layer=layer[0], n=len(sample), explained_variance=ratios)
         plot_embedding(coords, test.y[:embed_samples].cpu(), run.path / "plots" / "embedding.png",
-                       title=f"{run.name}: input of {layer[0]}", explained=ratios)
+                       title=f"{run.name}: input of {layer[0]}", explained=ratios,
+                       class_names=run.data.class_names)
     write_json(run.path / EVAL_DIR / "representation.json", representation)
-    plot_confusion(counts, run.path / "plots" / "confusion.png", title=run.name)
+    plot_confusion(counts, run.path / "plots" / "confusion.png", title=run.name,
+                   class_names=run.data.class_names)
     plot_local_layer(model, run.data.input_shape, run.path / "plots", run.name)
 
     efficiency = {"parameters": parameter_counts(model),

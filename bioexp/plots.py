@@ -48,46 +48,70 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     return path
 
 
-def plot_alignment(rows: list[dict], path: Path, title: str = "") -> Path | None:
-    """Alignment angle per layer and epoch; None when the run logged no angles."""
+def plot_alignment(rows: list[dict], path: Path, title: str = "",
+                   labels: dict[str, str] | None = None) -> Path | None:
+    """Alignment angle per layer and epoch; None when the run logged no angles.
+
+    `labels` maps a layer's module name (its metric key without "angle/") to a legend label,
+    e.g. `layer_roles(model)`; its layers come first, in its order, any others by name. The y
+    axis shows 0 to 100 degrees, more when a larger angle occurred (at most 180).
+    """
     rows = [r for r in rows if r.get("phase") == "supervised"]
-    keys = sorted({k for r in rows for k in r if k.startswith("angle/")})
+    labels = labels or {}
+    rank = {name: i for i, name in enumerate(labels)}
+    keys = sorted({k for r in rows for k in r if k.startswith("angle/")},
+                  key=lambda k: (rank.get(k.removeprefix("angle/"), len(rank)), k))
     if not keys:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
+    largest = 0.0
     for key in keys:
         points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot(*zip(*points, strict=True), marker="o", markersize=3,
-                label=key.removeprefix("angle/"))
+        largest = max([largest, *(v for _, v in points if math.isfinite(v))])
+        name = key.removeprefix("angle/")
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=labels.get(name, name))
     ax.axhline(90, color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="epoch", ylabel="angle to the backprop update (degrees)", ylim=(0, 100),
-           title=title or "alignment with backprop")
+    ax.set(xlabel="epoch", ylabel="angle to the backprop update (degrees)",
+           ylim=(0, min(180, max(100, largest + 5))), title=title or "alignment with backprop")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     _save(fig, path)
     return path
 
 
+def units_to_show(units: int, usage: torch.Tensor | None, max_units: int) -> np.ndarray:
+    """Indices of the units to draw: the `max_units` most-used (most first, ties in index
+    order) when `usage` (units,) is given, else the first `max_units`."""
+    if usage is None:
+        return np.arange(min(units, max_units))
+    return np.argsort(-usage.detach().double().cpu().numpy(), kind="stable")[:max_units]
+
+
 def plot_receptive_fields(weights: torch.Tensor, input_shape: Sequence[int], path: Path,
-                          title: str = "", max_units: int = 100) -> Path | None:
+                          title: str = "", max_units: int = 100,
+                          usage: torch.Tensor | None = None) -> Path | None:
     """Each unit's input weights as an image, in a grid, with a diverging colour map.
 
     `weights` is (units, inputs) with inputs = prod(input_shape) = C x H x W; None otherwise.
-    Every unit is scaled by its own largest |weight|, so white is zero and full red or blue is
-    the unit's strongest positive or negative weight. Colour images show their C channels side
-    by side.
+    With `usage` (units,), e.g. how many samples each unit won, the most-used units are drawn,
+    most-used first; without it (or when no unit was used yet), the first units. Every unit is
+    scaled by its own largest |weight|, so white is zero and full red or blue is the unit's
+    strongest positive or negative weight. Colour images show their C channels side by side.
     """
     channels, height, width = input_shape
     if weights.dim() != 2 or weights.shape[1] != channels * height * width:
         return None
-    w = weights[:max_units].detach().float().cpu()
-    w = w / w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    if usage is not None and (usage.shape != weights.shape[:1] or not usage.sum() > 0):
+        usage = None
+    w = weights.detach().float().cpu().numpy()[units_to_show(len(weights), usage, max_units)]
+    w = w / np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12)
     n = len(w)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     tile_w = channels * width + channels - 1  # channels side by side, one-pixel gaps
     mosaic = np.full((rows * (height + 1) - 1, cols * (tile_w + 1) - 1), np.nan)
-    for i, unit in enumerate(w.reshape(n, channels, height, width).numpy()):
+    for i, unit in enumerate(w.reshape(n, channels, height, width)):
         top, left = (i // cols) * (height + 1), (i % cols) * (tile_w + 1)
         for c in range(channels):
             x0 = left + c * (width + 1)
@@ -97,7 +121,11 @@ def plot_receptive_fields(weights: torch.Tensor, input_shape: Sequence[int], pat
     image = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     fig.colorbar(image, ax=ax, fraction=0.03, label="weight / max |weight| of the unit")
-    heading = f"receptive fields of {n} of {len(weights)} units"
+    if usage is None:
+        heading = f"receptive fields of the first {n} of {len(weights)} units"
+    else:
+        heading = (f"receptive fields of the {n} most-used of {len(weights)} units "
+                   "(most-used first, row by row)")
     heading += " (channels side by side)" if channels > 1 else ""
     ax.set_title(f"{title}\n{heading}" if title else heading)
     _save(fig, path)
@@ -105,16 +133,42 @@ def plot_receptive_fields(weights: torch.Tensor, input_shape: Sequence[int], pat
 
 
 def plot_win_counts(wins: torch.Tensor, path: Path, title: str = "") -> Path:
-    """Histogram of how many training samples each hidden unit won; dead units sit at zero."""
-    counts = wins.detach().float().cpu().numpy()
-    dead = int((counts == 0).sum())
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(counts, bins=50, color="tab:blue")
-    ax.set(xlabel="samples won by the unit (all phase-1 epochs)", ylabel="hidden units",
-           title=(f"{title}\n" if title else "") + f"{dead} of {len(counts)} units never won")
+    """Histogram of how many training samples each hidden unit won, on log scales: most units
+    win a few samples, a few win thousands. Units that never won do not fit a log axis; the
+    title counts them, and says what share of the samples the busiest 1% of the units won."""
+    counts = wins.detach().double().cpu().numpy()
+    won = counts[counts > 0]
+    heading = f"{len(counts) - len(won)} of {len(counts)} units never won"
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if len(won):
+        # log-spaced bins whose edges sit between whole numbers: one bin per count at the low end
+        edges = np.unique(np.round(np.geomspace(1, won.max() + 1, 41))) - 0.5
+        ax.hist(won, bins=edges, color="tab:blue", log=True)
+        ax.set_xscale("log")
+        busiest = max(1, len(counts) // 100)
+        share = np.sort(won)[::-1][:busiest].sum() / won.sum()
+        heading += f"; the busiest {busiest} won {share:.0%} of the samples"
+    else:
+        ax.text(0.5, 0.5, "no unit won any sample", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set(xlabel="samples won by the unit (all phase-1 epochs)",
+           ylabel="hidden units", title=(f"{title}\n" if title else "") + heading)
     ax.grid(alpha=0.3)
     _save(fig, path)
     return path
+
+
+def group_colors(n: int) -> list[tuple[float, float, float, float]]:
+    """`n` distinct colours: tab10 up to 10; tab20 up to 20 (its ten strong colours first,
+    then their light partners); beyond, evenly spaced along the continuous turbo map."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in [*range(0, 20, 2), *range(1, 20, 2)][:n]]
+    return [tuple(c) for c in plt.get_cmap("turbo")(np.linspace(0.03, 0.97, n))]
+
+
+MARKERS = ("o", "s", "^", "D", "v")  # with more than 10 groups, neighbours differ in marker too
 
 
 def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
@@ -122,10 +176,18 @@ def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
                     title: str = "") -> Path:
     """Two panels: each group's learning curve (mean over its runs, shaded +- one standard
     deviation where it has several), and a bar per group of its final `metric` (mean, with the
-    standard deviation as an error bar and the number of completed runs under the bar)."""
-    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(13, 4.8),
-                                           gridspec_kw={"width_ratios": [3, 2]})
-    colors = plt.get_cmap("tab10")
+    standard deviation as an error bar; the number of completed runs is in the bar's label).
+    Each group has its own colour; with many groups the figure widens and the values stand
+    vertically above the bars."""
+    labels = list(finals)
+    groups = [*labels, *(k for k in curves if k not in finals)]
+    colors = dict(zip(groups, group_colors(len(groups)), strict=True))
+    many = len(groups) > 10
+    bar_width = max(5.2, 1.5 + 0.4 * len(labels))
+    legend_rows = math.ceil(len(groups) / 3) if many else 0  # a long legend goes below the curves
+    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(min(7.8 + bar_width, 30),
+                                                          4.8 + 0.16 * legend_rows),
+                                           gridspec_kw={"width_ratios": [7.8, bar_width]})
     for i, (label, runs) in enumerate(curves.items()):
         by_epoch: dict[int, list[float]] = {}
         for curve in runs:
@@ -137,31 +199,38 @@ def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
         mean = np.array([np.mean(by_epoch[e]) for e in epochs])
         std = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0
                         for e in epochs])
-        ax_curve.plot(epochs, mean, marker="o", markersize=3, color=colors(i % 10),
-                      label=f"{label} (n={len(runs)})")
-        ax_curve.fill_between(epochs, mean - std, mean + std, color=colors(i % 10), alpha=0.2)
+        ax_curve.plot(epochs, mean, marker=MARKERS[i % len(MARKERS)] if many else "o",
+                      markersize=3, color=colors[label], label=f"{label} (n={len(runs)})")
+        ax_curve.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
     ax_curve.set(xlabel="supervised epoch", ylabel=metric,
                  title=f"{metric} per epoch (mean; shaded: one standard deviation)")
     ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_curve.grid(alpha=0.3)
-    if ax_curve.lines:
+    if ax_curve.lines and many:
+        ax_curve.legend(fontsize="x-small", ncol=3, loc="upper center",
+                        bbox_to_anchor=(0.5, -0.14))
+    elif ax_curve.lines:
         ax_curve.legend(fontsize="small")
 
-    labels = list(finals)
     means = [float(np.mean(v)) if v else 0.0 for v in finals.values()]
     stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in finals.values()]
-    bars = ax_bar.bar(range(len(labels)), means, yerr=stds, capsize=4,
-                      color=[colors(i % 10) for i in range(len(labels))])
+    bars = ax_bar.bar(range(len(labels)), means, yerr=stds, capsize=4 if len(labels) < 20 else 2,
+                      color=[colors[label] for label in labels])
+    vertical = len(labels) > 6
     for bar, values, std in zip(bars, finals.values(), stds, strict=True):
-        text = f"{np.mean(values):.3f}\nn={len(values)}" if values else "no completed run"
+        text = f"{np.mean(values):.3f}" if values else "no completed run"
         ax_bar.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + std),
-                        ha="center", va="bottom", fontsize="small", xytext=(0, 2),
+                        ha="center", va="bottom", fontsize="x-small" if vertical else "small",
+                        rotation=90 if vertical else 0, xytext=(0, 2),
                         textcoords="offset points")
-    ax_bar.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0,
-                      ha="right" if len(labels) > 3 else "center", fontsize="small")
+    ticks = [f"{label} (n={len(v)})" for label, v in finals.items()]
+    slanted = len(labels) * max(map(len, ticks), default=0) > 60  # would not fit side by side
+    ax_bar.set_xticks(range(len(labels)), ticks, rotation=30 if slanted else 0,
+                      ha="right" if slanted else "center", rotation_mode="anchor",
+                      fontsize="x-small" if many else "small")
     top = max((m + s for m, s in zip(means, stds, strict=True)), default=0.0) * 1.2 or 1.0
     ax_bar.set(ylabel=f"final {metric}", title=f"final {metric} per group",
-               ylim=(0, min(top, 1.1) if metric.endswith("acc") else top))
+               ylim=(0, min(top, 1.15) if metric.endswith("acc") else top))
     ax_bar.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title)
@@ -184,15 +253,16 @@ def plot_fgsm(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
 
 
 def plot_embedding(coords: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "",
-                   explained: Sequence[float] = ()) -> Path:
-    """Points on two principal components, coloured by class."""
+                   explained: Sequence[float] = (), class_names: Sequence[str] = ()) -> Path:
+    """Points on two principal components, coloured by class; the legend names each class by
+    `class_names` (indexed by class) when given, else by its index."""
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     points, classes = coords.numpy(), labels.numpy()
-    cmap = plt.get_cmap("tab10")
+    colors = group_colors(max(int(classes.max(initial=0)) + 1, len(class_names)))
     for c in np.unique(classes):
         mine = classes == c
-        ax.scatter(points[mine, 0], points[mine, 1], s=4, alpha=0.6, color=cmap(int(c) % 10),
-                   label=str(c))
+        ax.scatter(points[mine, 0], points[mine, 1], s=4, alpha=0.6, color=colors[c],
+                   label=class_names[c] if c < len(class_names) else str(c))
     axes = [f"PC{i + 1}" + (f" ({explained[i]:.0%} of variance)" if i < len(explained) else "")
             for i in range(2)]
     ax.set(xlabel=axes[0], ylabel=axes[1], title=title or "last hidden layer (PCA)")
@@ -201,19 +271,27 @@ def plot_embedding(coords: torch.Tensor, labels: torch.Tensor, path: Path, title
     return path
 
 
-def plot_confusion(counts: torch.Tensor, path: Path, title: str = "") -> Path:
-    """Rows: true class; columns: predicted class; colour: fraction of the row."""
+def plot_confusion(counts: torch.Tensor, path: Path, title: str = "",
+                   class_names: Sequence[str] = ()) -> Path:
+    """Rows: true class; columns: predicted class; colour: fraction of the row. Classes are
+    named by `class_names` when it has one name per class, else by their index."""
     counts = counts.numpy()
     fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     n = len(counts)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 0.8 + 0.5 * n))
+    names = list(class_names) if len(class_names) == n else [str(i) for i in range(n)]
+    long = max(map(len, names), default=0) > 2
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n + (1.0 if long else 0),
+                                    0.8 + 0.5 * n + (0.8 if long else 0)))
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize="x-small",
                     color="white" if fractions[i, j] > 0.5 else "black")
-    ax.set(xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n),
+    ax.set(xlabel="predicted class", ylabel="true class",
            title=(f"{title}\n" if title else "") + "confusion matrix (test set)")
+    ax.set_xticks(range(n), names, rotation=45 if long else 0, ha="right" if long else "center",
+                  rotation_mode="anchor")
+    ax.set_yticks(range(n), names)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     _save(fig, path)
     return path

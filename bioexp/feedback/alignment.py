@@ -56,3 +56,25 @@ def alignment_angles(model: nn.Module, forward: nn.Module, x: torch.Tensor,
         model.train(was_training)
     return {f"angle/{name}": angle_degrees(g, e)
             for (name, _), g, e in zip(layers, rule, exact, strict=True)}
+
+
+def layer_roles(model: nn.Module) -> dict[str, str]:
+    """{module name: role} of the measured layers, for legends: "conv 1 (1→16)",
+    "hidden 1 (784→512)", ..., "output (256→10)" (sizes in→out; channels for convolutions).
+
+    Forward order as `measured_layers` gives it; convolutions and fully connected layers are
+    counted separately, and the last measured layer is the output.
+    """
+    layers = measured_layers(model)
+    roles: dict[str, str] = {}
+    counts = {"conv": 0, "hidden": 0}
+    for i, (name, m) in enumerate(layers):
+        conv = isinstance(m, nn.Conv2d)
+        sizes = f"{m.in_channels}→{m.out_channels}" if conv else f"{m.in_features}→{m.out_features}"
+        if i == len(layers) - 1:
+            roles[name] = f"output ({sizes})"
+            continue
+        kind = "conv" if conv else "hidden"
+        counts[kind] += 1
+        roles[name] = f"{kind} {counts[kind]} ({sizes})"
+    return roles
