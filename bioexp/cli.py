@@ -102,15 +102,49 @@ def train_command(args: Sequence[str]) -> None:
         _fail(f"{len(FAILED_JOBS)} job(s) did not complete: " + ", ".join(FAILED_JOBS), code=1)
 
 
-def _table(title: str, rows: Sequence[tuple[str, str]]) -> list[str]:
-    width = max((len(name) for name, _ in rows), default=0)
+def _table(title: str, rows: Sequence[Sequence[str]]) -> list[str]:
+    """A titled table; its last column is wrapped to the terminal's width under itself."""
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(len(rows[0]) - 1)] \
+        if rows else []
+    indent = 2 + sum(w + 2 for w in widths)
+    room = max(shutil.get_terminal_size((100, 24)).columns - indent, 30)
     lines = [f"{title}:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in rows] or ["  (none)"]
-    return lines
+    for row in rows:
+        first = "  " + "".join(f"{cell:<{w}}  " for cell, w in zip(row, widths, strict=False))
+        wrapped = textwrap.wrap(row[-1], room) or [""]
+        lines += [first + wrapped[0], *(" " * indent + more for more in wrapped[1:])]
+    return [line.rstrip() for line in lines] if rows else [*lines, "  (none)"]
+
+
+def list_model(name: str) -> None:
+    """`bioexp list model=NAME`: the model's hyperparameters, defaults, values and meanings."""
+    from bioexp.config import model_options
+    from bioexp.registry import get_model_entry
+
+    rows, schedule = model_options(name)
+    entry = get_model_entry(name)
+    kinds = entry.kinds()
+    print(f"model {name}: {entry.description}")
+    print(f"set a key with model.KEY=VALUE (conf/model/{name}.yaml holds the defaults)\n")
+    header = ("key", "default", "accepts", "meaning")
+    table = [(key, default, kinds.get(key, "") if key != "input_scale" else "one of unit, "
+              "symmetric", meaning) for key, default, meaning in rows]
+    print("\n".join(_table("hyperparameters", [header, *table])))
+    if schedule:
+        print("\n".join(["", *_table("schedule defaults this model sets",
+                                      [(k, str(v), "") for k, v in schedule.items()])]))
 
 
 def list_command(args: Sequence[str]) -> None:
-    argparse.ArgumentParser(prog="bioexp list", description=COMMANDS["list"]).parse_args(args)
+    parser = argparse.ArgumentParser(prog="bioexp list", description=COMMANDS["list"])
+    parser.add_argument("model", nargs="?", metavar="model=NAME",
+                        help="describe one model's hyperparameters instead")
+    opts = parser.parse_args(args)
+    if opts.model:
+        if not opts.model.startswith("model="):
+            _fail(f"bioexp list takes model=NAME (e.g. model=krotov_fc), got {opts.model!r}")
+        list_model(opts.model.split("=", 1)[1])
+        return
     from bioexp.config import group_options
     from bioexp.registry import list_models
 
@@ -136,7 +170,7 @@ def data_command(args: Sequence[str]) -> None:
     parser.add_argument("--download", action="store_true",
                         help="download with torchvision when it is not found on disk")
     opts = parser.parse_args(args)
-    files = find_or_download(opts.name, opts.root, opts.download)
+    files = find_or_download(opts.name, opts.root, opts.download, download_option="--download")
     train_x, _, test_x, _ = read_arrays(opts.name, files)
     folder = next(iter(files.values())).parent
     print(f"{opts.name}: {len(train_x)} train and {len(test_x)} test images of shape "
@@ -252,7 +286,7 @@ def eval_command(args: Sequence[str]) -> None:
         _fail(f"--eps values must lie in [0, 1] (fractions of the pixel range), got {opts.eps}")
     if opts.test_limit is not None and opts.test_limit < 1:
         _fail(f"--test-limit must be at least 1, got {opts.test_limit}")
-    from bioexp.train import resolve_device
+    from bioexp.checks import resolve_device
 
     device = resolve_device(opts.device)
     curves, runs = {}, []

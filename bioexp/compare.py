@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from bioexp.config import RESUME_FREE_KEYS
+from bioexp.config import RESUME_FREE_KEYS, flatten
 from bioexp.records import read_json, read_metrics
 
 SUMMARY = "summary.json"
@@ -94,15 +94,6 @@ class Run:
     @property
     def completed(self) -> bool:
         return self.status == "completed"
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _natural_key(path: Path) -> list[Any]:

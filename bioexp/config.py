@@ -36,19 +36,87 @@ def config_dir() -> Path:
     raise ConfigError(f"bioexp's config tree is missing (looked in {packaged} and {source_tree})")
 
 
-def group_options(group: str) -> list[tuple[str, str]]:
-    """(option, one-line description) for every YAML file of a config group.
+def description(text: str) -> str:
+    """The first paragraph of a YAML file's leading comment, as one line: the comment lines
+    before the first blank comment, indented example (`#   bioexp train ...`) or setting."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:]
+        if "@package" in body:
+            continue
+        if not body.strip() or body.startswith("   "):
+            break
+        lines.append(body.strip())
+    return " ".join(lines)
 
-    The description is the file's first comment line, so the YAML itself stays the one place
+
+def group_options(group: str) -> list[tuple[str, str]]:
+    """(option, description) for every YAML file of a config group.
+
+    The description is the file's leading comment, so the YAML itself stays the one place
     where an option is described.
     """
-    options = []
-    for path in sorted((config_dir() / group).glob("*.yaml")):
-        first = path.read_text().splitlines()[:3]
-        comments = [ln.lstrip("# ").strip() for ln in first
-                    if ln.startswith("#") and "@package" not in ln]
-        options.append((path.stem, comments[0] if comments else ""))
-    return options
+    return [(path.stem, description(path.read_text()))
+            for path in sorted((config_dir() / group).glob("*.yaml"))]
+
+
+# Meanings of the hyperparameters many models share; a model's YAML comment on a key wins.
+COMMON_MEANINGS = {
+    "input_scale": "pixels in [0, 1] (unit) or [-1, 1] (symmetric)",
+    "hidden": "sizes of the hidden fully connected layers",
+    "channels": "output channels of the two 5x5 convolutions",
+    "activation": "the nonlinearity after each hidden layer",
+    "dropout": "dropout rate after each hidden activation",
+    "head": "hidden sizes of the head; [] is a linear read-out",
+    "feedback_init": "how the random feedback matrices B are drawn (uniform)",
+    "feedback_scale": "rescale each B to its W's norm at initialisation",
+}
+_SETTING = re.compile(r"^(?P<indent>\s*)(?P<key>\w+):(?P<value>[^#]*)(#\s*(?P<note>.*))?$")
+
+
+def model_options(name: str) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+    """The hyperparameters `conf/model/<name>.yaml` sets, as (key, default, meaning), and the
+    schedule settings the file sets for that model (dotted keys). ConfigError for an unknown
+    model."""
+    path = config_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(path.parent.glob("*.yaml")))
+        raise ConfigError(f"unknown model {name!r}; available: {known}")
+    text = path.read_text()
+    node = OmegaConf.load(path)
+    nested = "model" in node and "name" not in node
+    model = node.model if nested else node
+    notes = {}
+    for line in text.splitlines():
+        match = _SETTING.match(line)
+        if match and match["note"] and (len(match["indent"]) == 2) == nested:
+            notes.setdefault(match["key"], match["note"].strip())
+    rows = [(key, _value_text(model[key]), notes.get(key) or COMMON_MEANINGS.get(key, ""))
+            for key in model if key != "name"]
+    schedule = node.get("schedule") if nested else None
+    settings = flatten(OmegaConf.to_container(schedule), "schedule") if schedule is not None else {}
+    return rows, settings
+
+
+def _value_text(value: Any) -> str:
+    """A config value as it is typed on the command line: [512, 256], true, null, 0.001."""
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def _fail(key: str, expected: str, value: Any) -> ConfigError:
@@ -102,6 +170,37 @@ def check_bool(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
     if not isinstance(value, bool):
         raise _fail(key, "true or false", value)
+
+
+def ignored_settings(cfg: DictConfig, given: Iterable[str]) -> list[str]:
+    """A sentence for each setting among `given` (the keys set on the command line) that this
+    run does not use, so that a user who set it learns why it changed nothing."""
+    given = set(given)
+    notes = []
+    optimizer = OmegaConf.select(cfg, "schedule.supervised.optimizer")
+    if "schedule.supervised.momentum" in given and optimizer != "sgd":
+        notes.append(f"schedule.supervised.momentum is ignored: only optimizer sgd uses it, and "
+                     f"this run uses {optimizer}")
+    for phase in ("unsupervised", "supervised"):
+        lr_schedule = OmegaConf.select(cfg, f"schedule.{phase}.lr_schedule")
+        if f"schedule.{phase}.lr_decay" in given and lr_schedule != "exponential":
+            notes.append(f"schedule.{phase}.lr_decay is ignored: only lr_schedule exponential "
+                         f"uses it, and this run's is {lr_schedule}")
+    rule = OmegaConf.select(cfg, "model.rule")
+    if "model.sparsity" in given and rule in ("hebb", "oja"):
+        notes.append(f"model.sparsity is ignored: only the gupta rules use it, and this run's "
+                     f"model.rule is {rule}")
+    return notes
+
+
+# Keys of `model` that are not factory arguments.
+MODEL_META_KEYS = ("name", "input_scale")
+
+
+def model_hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The `model` node's keys that are factory arguments."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+            if k not in MODEL_META_KEYS}
 
 
 # Top-level keys that may differ between a run and its resumption: they change no result.

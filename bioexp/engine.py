@@ -33,29 +33,54 @@ from bioexp.records import RunRecorder
 log = logging.getLogger(__name__)
 
 ALIGNMENT_BATCH = 512  # training images on which alignment angles are measured
+# A training loss this many times the untrained model's (at least 1) is divergence, not learning.
+DIVERGENCE_FACTOR = 100.0
+NONFINITE = "values became NaN or infinite"
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """`1 epoch`, `2 epochs`; `nouns` for irregular plurals (`batch`, `batches`)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {nouns or noun + 's'}"
 
 
 class Diverged(RuntimeError):
-    """The loss or a local layer's weights stopped being finite.
+    """The loss or a local layer's weights stopped being finite, or the loss exploded.
 
     `epoch` counts from 1; `step` is the global optimiser step (as in metrics.jsonl), or None
     when only the end of the epoch is known. `layers` names the local-rule layers whose weights
-    or outputs are no longer finite, when that is the cause.
+    or outputs are no longer finite, when that is the cause; `reason` says what happened.
     """
 
-    def __init__(self, phase: str, epoch: int, step: int | None, layers: Sequence[str] = ()):
+    def __init__(self, phase: str, epoch: int, step: int | None, layers: Sequence[str] = (),
+                 reason: str = NONFINITE,
+                 layer_problem: str = "now holds or outputs NaN or infinite values"):
         where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
-        message = f"{phase} training diverged at {where}: values became NaN or infinite"
+        message = f"{phase} training diverged at {where}: {reason}"
         if layers:
-            message += (f"; the local-rule layer {', '.join(layers)} now holds or outputs "
-                        "NaN or infinite values (lower schedule.unsupervised.lr)")
+            message += (f"; the local-rule layer {', '.join(layers)} {layer_problem} (lower "
+                        "schedule.unsupervised.lr)")
         super().__init__(message)
         self.phase, self.epoch, self.step, self.layers = phase, epoch, step, list(layers)
+        self.reason = reason
 
 
 def holds_nonfinite(module: nn.Module) -> bool:
     """Whether any tensor of the module's state (weights, buffers) has a NaN or infinity."""
     return not all(torch.isfinite(t).all() for t in module.state_dict().values())
+
+
+def weight_norms(layers: Sequence[LocalLayer]) -> list[float]:
+    return [layer.weight.norm().item() for layer in layers]
+
+
+def grown_local_layers(model: nn.Module, before: Sequence[float]) -> list[str]:
+    """Names of local layers whose weights grew more than DIVERGENCE_FACTOR-fold since their
+    norms were `before` (an exploding loss in a phase where they learn is then theirs)."""
+    layers = local_layers(model)
+    names = {module: name for name, module in model.named_modules() if module in layers}
+    return [names[layer] for layer, now, then in zip(layers, weight_norms(layers), before,
+                                                     strict=True)
+            if now > DIVERGENCE_FACTOR * then]
 
 
 def broken_local_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -128,6 +153,14 @@ def local_layers(model: nn.Module) -> list[LocalLayer]:
     return [m for m in model.modules() if isinstance(m, LocalLayer)]
 
 
+def warn_unconverged(layers: Sequence[LocalLayer]) -> None:
+    """Log, once per layer, when phase 1 left a layer far from where its rule converges."""
+    for layer in layers:
+        warning = layer.unconverged()
+        if warning:
+            log.warning("%s", warning)
+
+
 @contextmanager
 def local_learning(model: nn.Module, lr: Callable[[], float]) -> Iterator[None]:
     """While active, every local layer applies its rule after each forward call.
@@ -188,13 +221,14 @@ def unsupervised_epoch(model: nn.Module, split: Split, phase: Phase, epoch: int,
 def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                      optimizer: torch.optim.Optimizer, split: Split, phase: Phase, epoch: int,
                      generator: torch.Generator, progress: bool, first_step: int = 0,
-                     partial: dict | None = None, after_batch: AfterBatch | None = None
-                     ) -> tuple[float, float]:
+                     partial: dict | None = None, after_batch: AfterBatch | None = None,
+                     loss_limit: float | None = None) -> tuple[float, float]:
     """One optimiser pass; returns (train loss, train accuracy). Syncs with the device once.
 
-    Losses are kept per step on the device, so a NaN is found at the end of the epoch with the
-    exact step it first appeared in, without a host sync on every step. `partial` (from
-    `after_batch`'s totals) resumes the epoch where a checkpoint left it.
+    Losses are kept per step on the device, so a NaN, or a batch loss above `loss_limit`, is
+    found at the end of the epoch with the exact step it first appeared in, without a host sync
+    on every step. `partial` (from `after_batch`'s totals) resumes the epoch where a checkpoint
+    left it.
     """
     model.train()
     lr = phase.lr_at(epoch)
@@ -232,6 +266,16 @@ def supervised_epoch(model: nn.Module, forward: Callable[[torch.Tensor], torch.T
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
         raise Diverged(phase.name, epoch + 1, first_step + int((~finite).nonzero()[0]) + 1)
+    if loss_limit is not None:
+        sizes = torch.full_like(losses, phase.batch_size)
+        sizes[-1] = len(split) - (n_batches - 1) * phase.batch_size
+        exploded = losses > loss_limit * sizes
+        if bool(exploded.any()):
+            first = int(exploded.nonzero()[0])
+            loss = float(losses[first] / sizes[first])
+            raise Diverged(phase.name, epoch + 1, first_step + first + 1, reason=(
+                f"the training loss reached {loss:.3g}, above {loss_limit:.3g} "
+                f"({DIVERGENCE_FACTOR:g} times the untrained model's; lower the learning rate)"))
     return losses.sum().item() / len(split), correct.item() / len(split)
 
 
@@ -278,6 +322,7 @@ class FitResult:
     best_epoch: int | None = None
     phases: list[dict] = field(default_factory=list)
     phase1_cache_hit: bool | None = None  # None when no phase-1 cache was given
+    loss_limit: float | None = None  # a batch loss above this is divergence (set in phase 2)
 
 
 @dataclass
@@ -319,7 +364,7 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         return _Fit(model, data, schedule, recorder, seed, eval_batch_size, progress,
                     checkpoint, checkpoint_every_s, stop, resume, phase1_cache).run()
     except Diverged as exc:
-        if not local_layers(model):
+        if not local_layers(model) or exc.reason != NONFINITE:
             raise
         broken = broken_local_layers(model, data.train.x[:ALIGNMENT_BATCH])
         raise Diverged(exc.phase, exc.epoch, exc.step, broken) from None
@@ -365,8 +410,8 @@ class _Fit:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log.info("resuming: %s phase, epoch %d, after %d batches of it", self.pos.phase,
-                 self.pos.epoch + 1, self.pos.batch)
+        log.info("resuming: %s phase, epoch %d, after %s of it", self.pos.phase,
+                 self.pos.epoch + 1, plural(self.pos.batch, "batch", "batches"))
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.start
@@ -443,8 +488,10 @@ class _Fit:
             self.result.phases.append({"name": unsup.name, "epochs": unsup.epochs,
                                        "cached": True})
             self.pos = Position("supervised", 0, 0, unsup.epochs * n_batches)  # as if it ran
+            warn_unconverged(locals_)
             return
-        log.info("phase 1 (unsupervised): %d epochs, %d local layers", unsup.epochs, len(locals_))
+        log.info("phase 1 (unsupervised): %s, %s", plural(unsup.epochs, "epoch"),
+                 plural(len(locals_), "local layer"))
         self.begin_phase("unsupervised")
         generator = self.generators["unsupervised"]
         for epoch in range(self.pos.epoch, unsup.epochs):
@@ -467,6 +514,7 @@ class _Fit:
             else:
                 self.pos = Position("unsupervised", epoch + 1, 0, step)
         self.record_phase(unsup, len(train) * unsup.epochs)
+        warn_unconverged(locals_)
         if self.phase1_cache is not None:
             self.phase1_cache.save(model.body)
             self.result.phase1_cache_hit = False
@@ -490,8 +538,12 @@ class _Fit:
             forward = model.head
         params = [p for p in model.parameters() if p.requires_grad]
         if not params or sup.epochs == 0:
-            log.info("supervised phase skipped: %s", "no trainable parameters" if not params
-                     else "schedule.supervised.epochs is 0")
+            if params:
+                log.warning("schedule.supervised.epochs=0: nothing trains the %s; the accuracy "
+                            "is that of the untrained one", "head" if body is not None else
+                            "model")
+            else:
+                log.info("supervised phase skipped: no trainable parameters")
             test_loss, test_acc = evaluate(model, forward, test, batch)
             recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": self.pos.step,
                                   "test_loss": test_loss, "test_acc": test_acc,
@@ -503,14 +555,17 @@ class _Fit:
             optimizer.load_state_dict(self.optimizer_state)
         probe = slice(0, min(len(train), ALIGNMENT_BATCH))  # fixed batch for alignment angles
         if self.pos.epoch == 0 and self.pos.batch == 0:
+            untrained, _ = evaluate(model, forward, Split(train.x[probe], train.y[probe]),
+                                    ALIGNMENT_BATCH)
+            result.loss_limit = DIVERGENCE_FACTOR * max(untrained, 1.0)
             initial = alignment_angles(model, forward, train.x[probe], train.y[probe])
             if initial:  # the curve's starting point: before any update, about 90 degrees
                 recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": self.pos.step,
                                       **initial})
         one_phase_local = schedule.name == "one_phase" and locals_
         if one_phase_local:
-            log.info("one phase: %d local layers learn during the supervised epochs",
-                     len(locals_))
+            log.info("one phase: %s learn during the supervised epochs",
+                     "1 local layer" if len(locals_) == 1 else f"{len(locals_)} local layers")
         n_batches = math.ceil(len(train) / sup.batch_size)
         generator = self.generators["supervised"]
         for epoch in range(self.pos.epoch, sup.epochs):
@@ -520,10 +575,19 @@ class _Fit:
             lr_local = replace(unsup, epochs=sup.epochs).lr_at(epoch)
             learning = (local_learning(model, lambda lr=lr_local: lr) if one_phase_local
                         else nullcontext())
-            with learning:
-                train_loss, train_acc = supervised_epoch(
-                    model, forward, optimizer, train, sup, epoch, generator, self.progress,
-                    first_step=self.pos.step, partial=self.partial, after_batch=self.after_batch)
+            norms = weight_norms(locals_) if one_phase_local else None
+            try:
+                with learning:
+                    train_loss, train_acc = supervised_epoch(
+                        model, forward, optimizer, train, sup, epoch, generator, self.progress,
+                        first_step=self.pos.step, partial=self.partial,
+                        after_batch=self.after_batch, loss_limit=result.loss_limit)
+            except Diverged as exc:
+                grown = grown_local_layers(model, norms) if norms is not None else []
+                if exc.reason == NONFINITE or not grown:
+                    raise
+                raise Diverged(exc.phase, exc.epoch, exc.step, grown, exc.reason,
+                               f"grew over {DIVERGENCE_FACTOR:g}-fold in this epoch") from None
             self.partial = None
             seconds = time.perf_counter() - t0
             step = self.pos.step + n_batches

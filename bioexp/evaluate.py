@@ -62,7 +62,8 @@ def read_weights(path: Path) -> dict[str, Any]:
 
 def load_run(folder: Path, device: torch.device, test_limit: int | None = None) -> TrainedRun:
     """The trained model of a run folder (its last checkpoint), with the run's test data."""
-    from bioexp.train import load_model_state, model_hyperparameters
+    from bioexp.config import model_hyperparameters
+    from bioexp.train import load_model_state
 
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder")

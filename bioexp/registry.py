@@ -2,18 +2,21 @@
 
 As in timm, a model is a small factory function whose keyword arguments are its hyperparameters;
 `conf/model/<name>.yaml` names the factory and sets them. The factory's signature is the schema:
-`build_model` rejects unknown keys and values of the wrong type with one sentence that names the
-key, before anything is built.
+`build_model` rejects unknown keys, values of the wrong type and values out of range with one
+sentence that names the key, before anything is built. A range is part of the type hint:
+`Annotated[float, Range(0, 1, high_open=True)]` (a dropout rate), `Annotated[Sequence[int],
+Range(low=1)]` (layer sizes: every entry at least 1).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from torch import nn
 
@@ -30,13 +33,47 @@ class ModelEntry:
 
     @property
     def description(self) -> str:
+        """The first paragraph of the factory's docstring, as one line."""
         doc = inspect.getdoc(self.factory) or ""
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n")[0].split())
 
     def hyperparameters(self) -> dict[str, Any]:
         """Name -> default of every configurable argument."""
         params = inspect.signature(self.factory).parameters.values()
         return {p.name: p.default for p in params if p.name not in DATASET_ARGS}
+
+    def kinds(self) -> dict[str, str]:
+        """Name -> the accepted values in words ("int at least 2", "one of fc, fa")."""
+        hints = typing.get_type_hints(self.factory, include_extras=True)
+        return {name: _describe(hints[name]) for name in self.hyperparameters() if name in hints}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds on a number, or on every number of a list, and a least length for lists; used as
+    `Annotated` metadata on a factory's hyperparameters."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    min_len: int = 0
+
+    def holds(self, value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return len(value) >= self.min_len and all(self.holds(v) for v in value)
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """The bounds in words: "at least 1", "in [0, 1)", "above 0"."""
+        if self.high == math.inf:
+            return f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        if self.low == -math.inf:
+            return f"below {self.high:g}" if self.high_open else f"at most {self.high:g}"
+        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.high_open else ']'}")
 
 
 _MODELS: dict[str, ModelEntry] = {}
@@ -72,6 +109,9 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        ranges = [m for m in hint.__metadata__ if isinstance(m, Range)]
+        return _conforms(value, hint.__origin__) and all(r.holds(value) for r in ranges)
     if origin in (Union, types.UnionType):
         return any(_conforms(value, arg) for arg in typing.get_args(hint))
     if origin is Literal:
@@ -94,8 +134,17 @@ def _conforms(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
-    """A type hint in words: `Sequence[int]` -> "list of int", `float | None` -> "float or null"."""
+    """A type hint in words: `Sequence[int]` -> "list of int", `float | None` -> "float or null",
+    with its range: "float in [0, 1)", "non-empty list of int, each at least 1"."""
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        words = _describe(hint.__origin__)
+        for r in (m for m in hint.__metadata__ if isinstance(m, Range)):
+            if words.startswith("list"):
+                words = ("non-empty " if r.min_len else "") + f"{words}, each {r.describe()}"
+            else:
+                words = f"{words} {r.describe()}"
+        return words
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
     if origin is Literal:
@@ -112,7 +161,7 @@ def check_hyperparameters(name: str, hyperparameters: dict[str, Any]) -> None:
     """ConfigError for an unknown model, an unknown key, or a value of the wrong type."""
     entry = get_model_entry(name)
     accepted = entry.hyperparameters()
-    hints = typing.get_type_hints(entry.factory)
+    hints = typing.get_type_hints(entry.factory, include_extras=True)
     for key, value in hyperparameters.items():
         if key not in accepted:
             options = ", ".join(accepted) or "none"

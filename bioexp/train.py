@@ -8,7 +8,6 @@ and a non-zero exit, and returns the final test accuracy so that sweepers can op
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import random
 import signal
@@ -32,11 +31,19 @@ from omegaconf import DictConfig, OmegaConf
 
 import bioexp
 from bioexp.cache import Phase1Cache, phase1_key
-from bioexp.compare import find_runs, flatten, run_table, runs_table, text_table
-from bioexp.config import RESUME_FREE_KEYS, config_dir, validate
+from bioexp.checks import preflight
+from bioexp.compare import find_runs, run_table, runs_table, text_table
+from bioexp.config import (
+    RESUME_FREE_KEYS,
+    config_dir,
+    flatten,
+    ignored_settings,
+    model_hyperparameters,
+)
 from bioexp.data import load_dataset
 from bioexp.engine import Diverged, Schedule, fit, local_layers
-from bioexp.errors import BioexpError, ConfigError, DeviceError
+from bioexp.errors import BioexpError, ConfigError
+from bioexp.feedback.alignment import layer_roles
 from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
 from bioexp.records import (
     CHECKPOINT,
@@ -46,31 +53,12 @@ from bioexp.records import (
     load_checkpoint,
     read_json,
 )
-from bioexp.registry import build_model, check_hyperparameters, parameter_counts
+from bioexp.registry import build_model, parameter_counts
 
 log = logging.getLogger("bioexp")
 
-# Keys of `model` that are not factory arguments.
-MODEL_META_KEYS = ("name", "input_scale")
 # Jobs of the current multirun that did not complete; the CLI exits non-zero when any did.
 FAILED_JOBS: list[str] = []
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` takes CUDA when present; `cuda` without CUDA is a DeviceError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else "no CUDA GPU is visible")
-            raise DeviceError(f"device={name} was requested but {why}; use device=cpu or "
-                              "device=auto")
-        index = torch.device(name).index or 0
-        if index >= torch.cuda.device_count():
-            raise DeviceError(f"device={name} does not exist: {torch.cuda.device_count()} CUDA "
-                              "device(s) are visible")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -167,10 +155,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def model_hyperparameters(cfg: DictConfig) -> dict[str, Any]:
-    """The `model` node's keys that are factory arguments."""
-    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-            if k not in MODEL_META_KEYS}
+def given_keys(run_dir: Path) -> list[str]:
+    """The config keys set on the command line of the run in `run_dir`, from the overrides
+    Hydra recorded there (none for a run made without Hydra)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.load(path) if path.is_file() else []
+    return [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
 def load_model_state(model: torch.nn.Module, state: dict, run_dir: Path, name: str) -> None:
@@ -248,16 +238,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         started=previous_summary.get("started", _now()),
     )
     if saved is not None:
+        position = saved["training"]["position"]  # its epoch counts from 0, the log's from 1
         resumes = [*previous_summary.get("resumed", []),
-                   {"at": _now(), **saved["training"]["position"]}]
+                   {"at": _now(), "phase": position["phase"], "epoch": position["epoch"] + 1,
+                    "batch": position["batch"], "step": position["step"]}]
         recorder.update_summary(resumed=resumes, error=None)
     model = None
     stop = StopRequest()
     try:
-        validate(cfg)
+        device = preflight(cfg)
+        for note in ignored_settings(cfg, given_keys(run_dir)):
+            log.warning("%s", note)
         hparams = model_hyperparameters(cfg)
-        check_hyperparameters(cfg.model.name, hparams)
-        device = resolve_device(cfg.device)
         if cfg.get("threads") is not None:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -301,8 +293,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                    else {}),
                                 best_test_acc=result.best_test_acc, best_epoch=result.best_epoch,
                                 phases=result.phases)
-        log.info("completed: test accuracy %.4f (best %.4f at epoch %s)", result.test_acc,
-                 result.best_test_acc, result.best_epoch)
+        if result.best_epoch is None:
+            log.info("completed: test accuracy %.4f (no supervised epoch)", result.test_acc)
+        else:
+            log.info("completed: test accuracy %.4f (best %.4f at epoch %d)", result.test_acc,
+                     result.best_test_acc, result.best_epoch)
     except Diverged as exc:
         recorder.update_summary(status="diverged", error=str(exc),
                                 diverged_at={"phase": exc.phase, "epoch": exc.epoch,
@@ -324,7 +319,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         title = f"{cfg.model.get('name')} on {cfg.data.get('name')}"
         if recorder.rows:
             plot_curves(recorder.rows, run_dir / "plots" / "curves.png", title=title)
-            plot_alignment(recorder.rows, run_dir / "plots" / "alignment.png", title=title)
+            plot_alignment(recorder.rows, run_dir / "plots" / "alignment.png", title=title,
+                           labels=layer_roles(model) if model is not None else None)
         if model is not None:
             plot_local_layer(model, input_shape, run_dir / "plots", title)
     return recorder.summary
@@ -354,50 +350,22 @@ def phase1_cache(cfg: DictConfig, model: torch.nn.Module, schedule: Schedule,
 
 def plot_local_layer(model: torch.nn.Module, input_shape: tuple[int, ...], folder: Path,
                      title: str) -> None:
-    """plots/receptive_fields.png (when the first local-rule layer sees the image itself) and
-    plots/win_counts.png (when it has competing units), unless its weights are not finite."""
+    """plots/receptive_fields.png (when the first local-rule layer sees the image itself; its
+    most-used units when it counts wins) and plots/win_counts.png (when it has competing units),
+    unless its weights are not finite."""
     layers = local_layers(model)
     if not layers:
         return
     weights, wins = layers[0].receptive_fields(), layers[0].unit_usage()
     if weights is not None and torch.isfinite(weights).all():
-        plot_receptive_fields(weights, input_shape, folder / "receptive_fields.png", title)
+        plot_receptive_fields(weights, input_shape, folder / "receptive_fields.png", title,
+                              usage=wins)
     if wins is not None and wins.sum() > 0:
         plot_win_counts(wins, folder / "win_counts.png", title)
 
 
 def _show_progress(cfg: DictConfig) -> bool:
     return bool(cfg.progress) and sys.stderr.isatty()
-
-
-def unwritable(folder: Path) -> str | None:
-    """Why `folder` cannot be created and written, or None when it can."""
-    for path in (folder.absolute(), *folder.absolute().parents):
-        if path.exists():
-            if not path.is_dir():
-                return f"{path} is a file, not a folder"
-            if not os.access(path, os.W_OK | os.X_OK):
-                return f"{path} is not writable"
-            return None
-    return None
-
-
-class OutputCheck(Callback):
-    """Before Hydra creates the run (or sweep) folder: one line and exit code 2 when it cannot
-    be created or written, instead of an OSError with a stack trace."""
-
-    @staticmethod
-    def _check(folder: str, key: str) -> None:
-        problem = unwritable(Path(folder))
-        if problem:
-            print(f"bioexp: error: {key}={folder} cannot be written: {problem}", file=sys.stderr)
-            sys.exit(2)
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
 
 
 class SweepTable(Callback):
@@ -430,7 +398,8 @@ def main(cfg: DictConfig) -> float:
         FAILED_JOBS.append(str(run_dir))
         return float("nan")
     except KeyboardInterrupt:
-        log.error("interrupted; the run folder %s records what was done", run_dir)
+        log.error("interrupted; the run folder %s keeps what was done; continue it with:\n"
+                  "  bioexp train resume=%s", run_dir, run_dir)
         sys.exit(130)
     if summary["status"] != "completed":
         if not multirun:

@@ -201,3 +201,40 @@ def test_model_config_values_equal_the_factory_defaults(make_cfg, model):
         default = defaults[key]
         expected = list(default) if isinstance(default, tuple) else default
         assert value == expected, f"{model}.yaml sets {key}={value!r}, the factory {default!r}"
+
+
+def test_ignored_settings_are_named_only_when_given(make_cfg):
+    from bioexp.config import ignored_settings
+
+    cfg = make_cfg("model=semihebb", "model.rule=oja", "schedule.supervised.momentum=0.5")
+    notes = ignored_settings(cfg, ["model.rule", "model.sparsity", "schedule.supervised.momentum",
+                                   "schedule.supervised.lr_decay"])
+    assert notes == [
+        "schedule.supervised.momentum is ignored: only optimizer sgd uses it, and this run uses "
+        "adam",
+        "schedule.supervised.lr_decay is ignored: only lr_schedule exponential uses it, and this "
+        "run's is cosine",
+        "model.sparsity is ignored: only the gupta rules use it, and this run's model.rule is oja",
+    ]
+    assert ignored_settings(cfg, []) == []  # defaults the user never touched say nothing
+    sgd = make_cfg("schedule.supervised.optimizer=sgd")
+    assert ignored_settings(sgd, ["schedule.supervised.momentum"]) == []
+
+
+def test_descriptions_are_whole_paragraphs():
+    from bioexp.config import description
+
+    text = ("# @package _global_\n# Learning rates 1e-4 to 3e-3, picked on a\n"
+            "# held-out split.\n#\n# More detail.\nkey: 1\n")
+    assert description(text) == "Learning rates 1e-4 to 3e-3, picked on a held-out split."
+    assert description("# Parallel jobs here\n#   bioexp train -m ...\nn: 2\n") == (
+        "Parallel jobs here")
+
+
+def test_every_model_hyperparameter_has_a_meaning():
+    from bioexp.config import model_options
+
+    for entry in list_models():
+        rows, _ = model_options(entry.name)
+        assert {key for key, _, _ in rows} == set(entry.hyperparameters()) | {"input_scale"}
+        assert all(meaning for _, _, meaning in rows), (entry.name, rows)

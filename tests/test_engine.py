@@ -162,6 +162,19 @@ def test_divergence_reports_epoch_and_first_bad_step(tmp_path) -> None:
     assert len(recorder.rows) == 1  # the finite first epoch was recorded
 
 
+def test_an_exploding_loss_is_divergence_not_completion(tmp_path) -> None:
+    """lr 1e6 keeps the loss finite (about 1e21) yet has learnt nothing: that is divergence."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
+    with pytest.raises(Diverged) as info:
+        fit(model, blob_data(), Schedule("two_phase", Phase("unsupervised", 0, 50, 0.1),
+                                         Phase("supervised", 2, 50, 1e6)),
+            RunRecorder(tmp_path), seed=0)
+    assert (info.value.epoch, info.value.phase) == (1, "supervised")
+    assert 1 <= info.value.step <= 8
+    assert "100 times the untrained model's" in str(info.value)
+
+
 def test_local_layer_divergence_is_caught(tmp_path) -> None:
     model = local_model()
     with pytest.raises(Diverged) as info:

@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import bioexp_command, output_of
+from omegaconf import OmegaConf
 
+from bioexp import plots
+from bioexp.data import Dataset, Split
+from bioexp.engine import local_layers
 from bioexp.evaluate import (
     PIXEL_RANGE,
+    TrainedRun,
+    evaluate_run,
     fgsm_accuracy,
     fgsm_inputs,
     forward_flops,
@@ -136,3 +142,33 @@ def test_eval_errors_are_one_line(bioexp, tmp_path) -> None:
     nowhere = bioexp("eval", str(tmp_path / "nope"))
     assert nowhere.returncode != 0 and "is not a folder" in nowhere.stderr
     assert "Traceback" not in missing.stderr + bad_eps.stderr + nowhere.stderr
+
+
+def test_eval_figures_name_classes_and_show_the_most_used_units(tmp_path, monkeypatch) -> None:
+    """A hand-made run (no training): the dataset's class names reach the confusion matrix and
+    the embedding, and the receptive fields start with the unit that won most."""
+    saved: dict[str, plots.plt.Figure] = {}  # file name -> figure, kept as it is saved
+    save = plots._save
+
+    def keep(fig: plots.plt.Figure, path: Path) -> None:
+        saved[path.name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    torch.manual_seed(0)
+    names = ("T-shirt/top", "Trouser", "Pullover")
+    split = Split(torch.rand(30, 1, 4, 4), torch.arange(30) % 3)
+    data = Dataset("toy", split, split, None, 3, class_names=names)
+    model = build_model("krotov_fc", (1, 4, 4), 3, hidden=6, k=2, head=[8])
+    layer = local_layers(model)[0]
+    layer.wins.copy_(torch.tensor([0.0, 2.0, 0.0, 40.0, 1.0, 0.0]))
+    layer.weight[3] = torch.arange(16.0) - 20  # the busiest unit: all weights negative
+    cfg = OmegaConf.create({"model": {"name": "krotov_fc", "input_scale": "unit"}})
+    evaluate_run(TrainedRun(tmp_path, cfg, model.eval(), data, {}), [0.0], embed_samples=30)
+    confusion = saved["confusion.png"].axes[0]
+    assert [t.get_text() for t in confusion.get_xticklabels()] == list(names)
+    legend = saved["embedding.png"].axes[0].get_legend()
+    assert sorted(t.get_text() for t in legend.get_texts()) == sorted(names)
+    fields = saved["receptive_fields.png"].axes[0]
+    assert "the 6 most-used of 6 units" in fields.get_title()
+    assert (fields.images[0].get_array()[:4, :4] < 0).all()  # the first tile is unit 3's

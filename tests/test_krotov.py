@@ -10,6 +10,7 @@ import torch
 from conftest import TINY
 from omegaconf import OmegaConf
 
+from bioexp.config import MODEL_META_KEYS
 from bioexp.engine import Phase, Schedule
 from bioexp.errors import ConfigError
 from bioexp.layers import KrotovLayer
@@ -18,7 +19,7 @@ from bioexp.models.krotov import bio_loss
 from bioexp.records import read_metrics
 from bioexp.registry import build_model
 from bioexp.rules.krotov import krotov_update, krotov_update_dense, normalized_step
-from bioexp.train import MODEL_META_KEYS, phase1_cache, run, seed_everything
+from bioexp.train import phase1_cache, run, seed_everything
 
 KROTOV_MODELS = ["krotov_fc", "krotov_fa", "krotov_biocell_fc", "krotov_biocell_fa"]
 
@@ -206,3 +207,14 @@ def test_each_krotov_model_end_to_end(tmp_path: Path, make_cfg, model: str) -> N
     assert rows[0]["phase"] == "unsupervised" and "KrotovLayer0.units_never_won" in rows[0]
     for name in ("receptive_fields.png", "win_counts.png", "curves.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 0, name
+
+
+def test_a_layer_far_from_its_sphere_says_phase_1_was_too_short() -> None:
+    torch.manual_seed(0)
+    layer = KrotovLayer(784, 50, p=3.0, k=2)  # uniform [0, 1) rows: p-norm about 5.8
+    warning = layer.unconverged()
+    assert warning is not None and "only 0% of the Krotov layer's 50 units" in warning
+    assert layer.local_stats()["units_converged"] == 0.0
+    with torch.no_grad():  # rows of unit p-norm: where the rule converges
+        layer.weight /= layer.p_norms()[:, None]
+    assert layer.unconverged() is None and layer.local_stats()["units_converged"] == 1.0

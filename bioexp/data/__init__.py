@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,10 +78,43 @@ def scale_pixels(images: np.ndarray, scale: str) -> torch.Tensor:
     raise ValueError(f"unknown pixel scale {scale!r}")
 
 
-def _subset(n: int, limit: int | None, generator: torch.Generator) -> torch.Tensor | None:
+def _subset(n: int, limit: int | None, generator: torch.Generator,
+            key: str) -> torch.Tensor | None:
     if limit is None or limit >= n:
+        if limit is not None and limit > n:
+            log.warning("%s=%d is more than the %d images there are: all of them are used", key,
+                        limit, n)
         return None
     return torch.randperm(n, generator=generator)[:limit]
+
+
+def check_val_size(val_size: int, n_train: int) -> None:
+    """DataError when holding out `val_size` images would leave no training images."""
+    if val_size >= n_train:
+        raise DataError(f"data.val_size={val_size} leaves no training images (the training "
+                        f"split has {n_train}; lower data.val_size or raise data.train_limit)")
+
+
+def dataset_plan(cfg: DictConfig) -> tuple[tuple[int, int, int], int]:
+    """(input shape, number of classes) of the configured dataset, known without reading it.
+
+    Checks what can be checked before any data is loaded: the dataset exists (on disk, unless
+    it may be downloaded) and `data.val_size` leaves training images; DataError otherwise.
+    """
+    if cfg.name == "synthetic":
+        shape = (cfg.channels, cfg.image_size, cfg.image_size)
+        classes, n_train = cfg.num_classes, cfg.n_train
+    elif cfg.name in SOURCES:
+        source = SOURCES[cfg.name]
+        shape, classes, n_train = source.image_shape, len(source.class_names), source.n_train
+        if not cfg.download:
+            find_or_download(cfg.name, cfg.root, allow_download=False)
+    else:
+        raise DataError(f"unknown dataset {cfg.name!r}; available: {', '.join(DATASETS)}")
+    if cfg.train_limit is not None:
+        n_train = min(n_train, cfg.train_limit)
+    check_val_size(cfg.val_size, n_train)
+    return shape, classes
 
 
 def load_arrays(cfg: DictConfig) -> tuple[tuple[np.ndarray, ...], str]:
@@ -89,6 +123,9 @@ def load_arrays(cfg: DictConfig) -> tuple[tuple[np.ndarray, ...], str]:
         arrays = make_synthetic(cfg.n_train, cfg.n_test, cfg.num_classes, cfg.channels,
                                 cfg.image_size, cfg.noise, cfg.seed)
         return arrays, f"generated (seed {cfg.seed})"
+    if cfg.root and not Path(cfg.root).expanduser().is_dir():
+        log.warning("data.root=%s is not a folder; looking for %s in the other places", cfg.root,
+                    cfg.name)
     if cfg.name not in SOURCES:
         raise DataError(f"unknown dataset {cfg.name!r}; available: {', '.join(DATASETS)}")
     files = find_or_download(cfg.name, cfg.root, cfg.download)
@@ -109,17 +146,15 @@ def load_dataset(cfg: DictConfig, scale: str, device: torch.device | str = "cpu"
         # One stream per draw, so that e.g. train_limit never changes which test images are used.
         return torch.Generator().manual_seed(cfg.seed * 1000 + purpose)
 
-    idx = _subset(len(train_y), cfg.train_limit, generator(1))
+    idx = _subset(len(train_y), cfg.train_limit, generator(1), "data.train_limit")
     if idx is not None:
         train_x, train_y = train_x[idx.numpy()], train_y[idx.numpy()]
-    idx = _subset(len(test_y), cfg.test_limit, generator(2))
+    idx = _subset(len(test_y), cfg.test_limit, generator(2), "data.test_limit")
     if idx is not None:
         test_x, test_y = test_x[idx.numpy()], test_y[idx.numpy()]
     val = None
     if cfg.val_size:
-        if cfg.val_size >= len(train_y):
-            raise DataError(f"data.val_size={cfg.val_size} leaves no training images "
-                            f"(the training split has {len(train_y)})")
+        check_val_size(cfg.val_size, len(train_y))
         order = torch.randperm(len(train_y), generator=generator(3)).numpy()
         held, kept = order[:cfg.val_size], order[cfg.val_size:]
         val = Split(scale_pixels(train_x[held], scale).to(device),

@@ -43,6 +43,8 @@ class ImageSource:
     torchvision_class: str
     file_format: str  # "idx" or "cifar"
     folder_names: tuple[str, ...]  # folder names searched inside every root
+    image_shape: tuple[int, int, int]  # (C, H, W) of every image
+    n_train: int  # training images in the published split
     os_package: str | None = None
     class_names: tuple[str, ...] = ()
 
@@ -69,16 +71,16 @@ class ImageSource:
 
 
 SOURCES = {
-    "mnist": ImageSource("mnist", "MNIST", "idx", ("mnist", "MNIST"),
+    "mnist": ImageSource("mnist", "MNIST", "idx", ("mnist", "MNIST"), (1, 28, 28), 60_000,
                          class_names=tuple(str(digit) for digit in range(10))),
     "fashion_mnist": ImageSource(
         "fashion_mnist", "FashionMNIST", "idx", ("fashion-mnist", "fashion_mnist", "FashionMNIST"),
-        os_package="dataset-fashion-mnist",
+        (1, 28, 28), 60_000, os_package="dataset-fashion-mnist",
         class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                      "Sneaker", "Bag", "Ankle boot"),
     ),
     "cifar10": ImageSource(
-        "cifar10", "CIFAR10", "cifar", ("cifar10", "cifar-10"),
+        "cifar10", "CIFAR10", "cifar", ("cifar10", "cifar-10"), (3, 32, 32), 50_000,
         class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                      "ship", "truck"),
     ),
@@ -140,7 +142,12 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _missing_message(source: ImageSource, root: str | None, why: str) -> str:
+# How a user turns downloads on: the config key (bioexp train), or a flag (bioexp data).
+DOWNLOAD_KEY = "data.download=true"
+
+
+def _missing_message(source: ImageSource, root: str | None, why: str,
+                     download: str = DOWNLOAD_KEY) -> str:
     roots = [(label, str(base)) for label, base in search_roots(root)]
     if not os.environ.get("BIOEXP_DATA"):
         roots.insert(1 if root else 0, ("$BIOEXP_DATA", "not set"))
@@ -149,18 +156,22 @@ def _missing_message(source: ImageSource, root: str | None, why: str) -> str:
     if source.os_package:
         how.append(f"install the OS package (apt-get install {source.os_package})")
     how.append("put the files in data.root or $BIOEXP_DATA")
-    how.append("run with data.download=true where there is internet")
+    how.append(f"run with {download} where there is internet")
     return f"dataset {source.name} not found ({looked}) and {why}; to get it: " + ", or ".join(how)
 
 
-def find_or_download(name: str, root: str | None, allow_download: bool) -> dict[str, Path]:
-    """Resolve a dataset's files by the look-up order above; DataError if that is impossible."""
+def find_or_download(name: str, root: str | None, allow_download: bool,
+                     download_option: str = DOWNLOAD_KEY) -> dict[str, Path]:
+    """Resolve a dataset's files by the look-up order above; DataError if that is impossible.
+    `download_option` is how the user turns downloads on, named in that error."""
     source = SOURCES[name]
     files = locate(source, root)
     if files is not None:
         return files
     if not allow_download:
-        raise DataError(_missing_message(source, root, "data.download is false"))
+        why = ("data.download is false" if download_option == DOWNLOAD_KEY
+               else f"{download_option} was not given")
+        raise DataError(_missing_message(source, root, why, download_option))
     return download(source, root)
 
 

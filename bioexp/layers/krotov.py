@@ -19,6 +19,8 @@ from bioexp.layers.local import LocalLayer
 from bioexp.rules.krotov import RULE_VERSION, krotov_rows, normalized_step
 
 KrotovInit = Literal["uniform", "normal"]
+# A unit whose weight row's p-norm is within this of 1 has converged (local_stats, unconverged).
+CONVERGED_NORM = 0.25
 
 
 class KrotovLayer(LocalLayer):
@@ -52,9 +54,26 @@ class KrotovLayer(LocalLayer):
             self.weight.index_add_(0, rows, normalized_step(ds, lr))  # other rows: dS = 0
         self.wins.index_add_(0, winners, torch.ones_like(winners, dtype=self.wins.dtype))
 
+    def p_norms(self) -> torch.Tensor:
+        """(H,): each unit's weight row in the rule's p-norm. The rule drives it to 1 (Krotov &
+        Hopfield 2019, the sphere of radius R = 1); uniform [0, 1) rows of 784 start near 5.8."""
+        return self.weight.abs().pow(self.p).sum(dim=1).pow(1 / self.p)
+
     def local_stats(self) -> dict[str, float]:
+        near = (self.p_norms() - 1).abs() < CONVERGED_NORM
         return {"weight_norm_mean": self.weight.norm(dim=1).mean().item(),
-                "units_never_won": int((self.wins == 0).sum().item())}
+                "units_never_won": int((self.wins == 0).sum().item()),
+                "units_converged": near.float().mean().item()}
+
+    def unconverged(self) -> str | None:
+        norms = self.p_norms()
+        converged = ((norms - 1).abs() < CONVERGED_NORM).float().mean().item()
+        if converged >= 0.5:
+            return None
+        return (f"only {converged:.0%} of the Krotov layer's {len(norms)} units reached the unit "
+                f"p-norm that the rule converges to (median norm {norms.median().item():.2f}): "
+                "phase 1 was far too short, and its features are close to their random start; "
+                "give it more epochs, images or schedule.unsupervised.lr (README: Krotov budget)")
 
     def receptive_fields(self) -> torch.Tensor:
         return self.weight

@@ -3,8 +3,8 @@
 The engine finds these layers with `isinstance(module, LocalLayer)`: during the unsupervised phase
 (and, in the one-phase schedule, during every supervised batch) it calls `local_update` after each
 forward pass with the input the layer saw and the output it gave, under `torch.no_grad()`. The
-layer's weights are buffers or parameters with `requires_grad=False`, so the optimiser never
-touches them.
+weights the rule trains are `self.weight`, a buffer (or a parameter with `requires_grad=False`),
+so the optimiser never touches them.
 """
 
 from __future__ import annotations
@@ -30,4 +30,9 @@ class LocalLayer(nn.Module):
 
     def unit_usage(self) -> torch.Tensor | None:
         """(units,): how often each unit won a competition, for layers that have one."""
+        return None
+
+    def unconverged(self) -> str | None:
+        """After phase 1: a sentence when the weights are evidently still far from where the rule
+        takes them (phase 1 was too short), else None."""
         return None

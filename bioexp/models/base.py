@@ -8,28 +8,27 @@ the head, and, once the body is frozen, train the head on features computed once
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bioexp.errors import ConfigError
+from bioexp.registry import Range
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
-               "none": nn.Identity}
+ActivationName = Literal["relu", "tanh", "sigmoid", "gelu", "none"]
+ACTIVATIONS = dict(zip(get_args(ActivationName),
+                       (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity), strict=True))
+# Hyperparameter types with their ranges, checked by the registry before a model is built.
+Sizes = Annotated[Sequence[int], Range(low=1)]  # widths of layers, each at least 1
+Probability = Annotated[float, Range(0, 1, high_open=True)]  # a dropout rate
 
 
 def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]()
-
-
-def check_sizes(key: str, sizes: Sequence[int], allow_empty: bool = True) -> None:
-    """ConfigError unless `sizes` lists positive layer widths (and is non-empty if required)."""
-    if (not sizes and not allow_empty) or any(size < 1 for size in sizes):
-        need = "one or more" if not allow_empty else "zero or more"
-        raise ConfigError(f"{key} must list {need} positive layer sizes, got {list(sizes)}")
 
 
 class Classifier(nn.Module):

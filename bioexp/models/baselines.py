@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from bioexp.errors import ConfigError
-from bioexp.models.base import Classifier, make_activation
+from bioexp.models.base import ActivationName, Classifier, Probability, Sizes, make_activation
 from bioexp.registry import register_model
 
 
@@ -52,17 +52,17 @@ def conv_blocks(input_shape: Sequence[int], channels: Sequence[int], act: str,
 
 
 @register_model
-def bp_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-           activation: str = "relu", dropout: float = 0.0) -> Classifier:
+def bp_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sizes = (512, 256),
+           activation: ActivationName = "relu", dropout: Probability = 0.0) -> Classifier:
     """Multilayer perceptron trained by backprop (hidden sizes configurable)."""
     sizes = [math.prod(input_shape), *hidden, num_classes]
     return Classifier(nn.Sequential(nn.Flatten(), *mlp_layers(sizes, activation, dropout)))
 
 
 @register_model
-def cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
-        hidden: Sequence[int] = (256,), activation: str = "relu",
-        dropout: float = 0.3) -> Classifier:
+def cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16, 32),
+        hidden: Sizes = (256,), activation: ActivationName = "relu",
+        dropout: Probability = 0.3) -> Classifier:
     """Two 5x5 convolution + 2x2 max-pool blocks, then fully connected layers, by backprop."""
     blocks, flat = conv_blocks(input_shape, channels, activation)
     fc = mlp_layers([flat, *hidden, num_classes], activation, dropout)

@@ -8,7 +8,6 @@ comparison made by the Brown CLPS1291 project that bioexp grew from.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -24,16 +23,16 @@ from bioexp.layers.feedback import (
     FeedbackInit,
     SignLinear,
 )
-from bioexp.models.base import Classifier
+from bioexp.models.base import ActivationName, Classifier, Probability, Sizes
 from bioexp.models.baselines import conv_blocks, mlp_layers
 from bioexp.records import CHECKPOINT
 from bioexp.registry import register_model
 
 
 @register_model
-def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-           activation: str = "relu", dropout: float = 0.0, feedback_init: FeedbackInit = "kaiming",
-           feedback_scale: bool = False) -> Classifier:
+def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sizes = (512, 256),
+           activation: ActivationName = "relu", dropout: Probability = 0.0,
+           feedback_init: FeedbackInit = "kaiming", feedback_scale: bool = False) -> Classifier:
     """MLP trained by feedback alignment: errors flow back through fixed random matrices."""
     sizes = [math.prod(input_shape), *hidden, num_classes]
     linear = partial(FALinear, init=feedback_init, scale_to_weight=feedback_scale)
@@ -41,8 +40,8 @@ def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int]
 
 
 @register_model
-def sign_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-             activation: str = "relu", dropout: float = 0.0) -> Classifier:
+def sign_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sizes = (512, 256),
+             activation: ActivationName = "relu", dropout: Probability = 0.0) -> Classifier:
     """MLP trained with sign-symmetric feedback: errors flow back through sign(W) * mean|W|."""
     sizes = [math.prod(input_shape), *hidden, num_classes]
     return Classifier(nn.Sequential(nn.Flatten(),
@@ -50,8 +49,8 @@ def sign_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[in
 
 
 @register_model
-def dfa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (512, 256),
-            activation: str = "relu", dropout: float = 0.0,
+def dfa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sizes = (512, 256),
+            activation: ActivationName = "relu", dropout: Probability = 0.0,
             feedback_init: FeedbackInit = "kaiming") -> Classifier:
     """MLP trained by direct feedback alignment: the output error goes straight to each layer."""
     markers: list[DFAHidden] = []
@@ -67,8 +66,8 @@ def dfa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int
 
 
 @register_model
-def fa_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
-           hidden: Sequence[int] = (256,), activation: str = "relu", dropout: float = 0.3,
+def fa_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16, 32),
+           hidden: Sizes = (256,), activation: ActivationName = "relu", dropout: Probability = 0.3,
            feedback_init: FeedbackInit = "kaiming", feedback_scale: bool = False) -> Classifier:
     """`cnn`'s architecture with every layer, convolutions included, trained by FA."""
     options = {"init": feedback_init, "scale_to_weight": feedback_scale}
@@ -79,8 +78,8 @@ def fa_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[in
 
 
 @register_model
-def cnn_fa(input_shape: tuple[int, ...], num_classes: int, channels: Sequence[int] = (16, 32),
-           hidden: Sequence[int] = (256,), activation: str = "relu", dropout: float = 0.3,
+def cnn_fa(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16, 32),
+           hidden: Sizes = (256,), activation: ActivationName = "relu", dropout: Probability = 0.3,
            feedback_init: FeedbackInit = "kaiming", feedback_scale: bool = False,
            conv_from: str | None = None) -> Classifier:
     """Backprop-trained convolutions (or frozen ones from a `cnn` run) under an FA head."""

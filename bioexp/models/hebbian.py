@@ -11,29 +11,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from torch import nn
 
-from bioexp.errors import ConfigError
 from bioexp.layers import HebbianLinear
 from bioexp.layers.feedback import FALinear
-from bioexp.models.base import Classifier, check_sizes, make_activation
+from bioexp.models.base import ActivationName, Classifier, Probability, Sizes, make_activation
 from bioexp.models.baselines import mlp_layers
-from bioexp.registry import register_model
+from bioexp.registry import Range, register_model
 from bioexp.rules.hebbian import RuleName, make_rule
 
 
 @register_model
-def semihebb(input_shape: tuple[int, ...], num_classes: int, hebbian: Sequence[int] = (2000,),
-             head: Sequence[int] = (), rule: RuleName = "gupta", sparsity: float = 60.0,
-             normalize: bool = True, activation: str = "relu", dropout: float = 0.0,
-             head_type: Literal["fc", "fa"] = "fc") -> Classifier:
+def semihebb(input_shape: tuple[int, ...], num_classes: int,
+             hebbian: Annotated[Sequence[int], Range(low=1, min_len=1)] = (2000,),
+             head: Sizes = (), rule: RuleName = "gupta",
+             sparsity: Annotated[float, Range(0, 100, high_open=True)] = 60.0,
+             normalize: bool = True, activation: ActivationName = "relu",
+             dropout: Probability = 0.0, head_type: Literal["fc", "fa"] = "fc") -> Classifier:
     """Hebbian layers (hebb, oja, gupta or gupta_local rule) under an FC or FA head."""
-    check_sizes("model.hebbian", hebbian, allow_empty=False)
-    check_sizes("model.head", head)
-    if not 0 <= sparsity < 100:
-        raise ConfigError(f"model.sparsity must be a percentile in [0, 100), got {sparsity!r}")
     sizes = [math.prod(input_shape), *hebbian]
     body = nn.Sequential(nn.Flatten(), *(
         HebbianLinear(fan_in, fan_out, make_rule(rule, sparsity), make_activation(activation),

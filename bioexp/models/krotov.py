@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,15 @@ from torch import nn
 from bioexp.errors import ConfigError
 from bioexp.layers.feedback import FALinear
 from bioexp.layers.krotov import KrotovInit, KrotovLayer, UnitNorm, UnitRows
-from bioexp.models.base import Classifier, check_sizes, make_activation
+from bioexp.models.base import Classifier, Probability, Sizes, make_activation
 from bioexp.models.baselines import mlp_layers
-from bioexp.registry import register_model
+from bioexp.registry import Range, register_model
 
 Activation = Literal["none", "relu", "relu_power"]
+Hidden = Annotated[int, Range(low=2)]  # units of the Krotov layer
+Power = Annotated[float, Range(low=2)]  # the rule's p: Krotov & Hopfield use p >= 2
+Strength = Annotated[float, Range(0, 1)]  # delta, the anti-Hebbian push
+LossPower = Annotated[float, Range(low=1)]  # BioLoss's m
 Linear = Callable[..., nn.Module]
 
 
@@ -81,14 +85,8 @@ def bio_loss(c: torch.Tensor, target: torch.Tensor, m: float) -> torch.Tensor:
 
 def krotov_body(input_shape: Sequence[int], hidden: int, p: float, k: int, delta: float,
                 init: str, normalize_input: bool) -> nn.Sequential:
-    if hidden < 2:
-        raise ConfigError(f"model.hidden must be at least 2, got {hidden}")
     if not 2 <= k <= hidden:
         raise ConfigError(f"model.k must be in [2, model.hidden = {hidden}], got {k}")
-    if p < 2:  # Krotov & Hopfield (2019) use p >= 2; p = 2 is the Euclidean case
-        raise ConfigError(f"model.p must be at least 2, got {p}")
-    if not 0 <= delta <= 1:
-        raise ConfigError(f"model.delta must be in [0, 1], got {delta}")
     layers: list[nn.Module] = [nn.Flatten()]
     if normalize_input:
         layers.append(UnitNorm())
@@ -109,7 +107,6 @@ def _fc_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: floa
               delta: float, init: str, normalize_input: bool, unit_rows: bool,
               activation: str, n: float, head: Sequence[int], dropout: float,
               linear: Linear) -> Classifier:
-    check_sizes("model.head", head)
     body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input)
     layers = mlp_layers([hidden, *head, num_classes], "relu", dropout, linear)
     return Classifier(head=nn.Sequential(*head_input(body, unit_rows),
@@ -119,8 +116,6 @@ def _fc_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: floa
 def _biocell_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: float, k: int,
                    delta: float, init: str, normalize_input: bool, unit_rows: bool, n: float,
                    m: float, beta: float, linear: Linear) -> BioCellClassifier:
-    if m < 1:
-        raise ConfigError(f"model.m must be at least 1, got {m}")
     body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input)
     cell = BioCell(hidden, num_classes, n, beta, linear)
     head = nn.Sequential(*head_input(body, unit_rows), cell)
@@ -128,32 +123,32 @@ def _biocell_model(input_shape: Sequence[int], num_classes: int, hidden: int, p:
 
 
 @register_model
-def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-              p: float = 3.0, k: int = 7, delta: float = 0.4, init: KrotovInit = "uniform",
+def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
+              p: Power = 3.0, k: int = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
               normalize_input: bool = True, unit_rows: bool = True,
               activation: Activation = "relu_power", n: float = 4.5,
-              head: Sequence[int] = (256, 1024), dropout: float = 0.0) -> Classifier:
+              head: Sizes = (256, 1024), dropout: Probability = 0.0) -> Classifier:
     """Krotov-Hopfield hidden layer, then fully connected layers trained by backprop."""
     return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
                      unit_rows, activation, n, head, dropout, nn.Linear)
 
 
 @register_model
-def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-              p: float = 3.0, k: int = 7, delta: float = 0.4, init: KrotovInit = "uniform",
+def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
+              p: Power = 3.0, k: int = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
               normalize_input: bool = True, unit_rows: bool = True,
               activation: Activation = "relu_power", n: float = 4.5,
-              head: Sequence[int] = (256, 1024), dropout: float = 0.0) -> Classifier:
+              head: Sizes = (256, 1024), dropout: Probability = 0.0) -> Classifier:
     """Krotov-Hopfield hidden layer, then fully connected layers trained by feedback alignment."""
     return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
                      unit_rows, activation, n, head, dropout, FALinear)
 
 
 @register_model
-def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-                      p: float = 3.0, k: int = 7, delta: float = 0.4,
+def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
+                      p: Power = 3.0, k: int = 7, delta: Strength = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
-                      unit_rows: bool = True, n: float = 4.5, m: float = 6.0,
+                      unit_rows: bool = True, n: float = 4.5, m: LossPower = 6.0,
                       beta: float = 1.0) -> BioCellClassifier:
     """Krotov-Hopfield hidden layer under the paper's BioCell classifier, S by backprop."""
     return _biocell_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
@@ -161,10 +156,10 @@ def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: in
 
 
 @register_model
-def krotov_biocell_fa(input_shape: tuple[int, ...], num_classes: int, hidden: int = 2000,
-                      p: float = 3.0, k: int = 7, delta: float = 0.4,
+def krotov_biocell_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
+                      p: Power = 3.0, k: int = 7, delta: Strength = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
-                      unit_rows: bool = True, n: float = 4.5, m: float = 6.0,
+                      unit_rows: bool = True, n: float = 4.5, m: LossPower = 6.0,
                       beta: float = 1.0) -> BioCellClassifier:
     """Krotov-Hopfield hidden layer under the BioCell classifier, S by feedback alignment."""
     return _biocell_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
