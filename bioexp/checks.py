@@ -26,8 +26,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.config import model_hyperparameters, validate
 from bioexp.data import dataset_plan
+from bioexp.engine import Schedule
+from bioexp.engine.schedule import group_error
 from bioexp.errors import BioexpError, DeviceError
 from bioexp.registry import build_model, check_hyperparameters
 
@@ -57,11 +60,26 @@ def preflight(cfg: DictConfig) -> torch.device:
     validate(cfg)
     hparams = model_hyperparameters(cfg)
     check_hyperparameters(cfg.model.name, hparams)
+    check_optimizer(cfg)
     device = resolve_device(cfg.device)
     input_shape, num_classes = dataset_plan(cfg.data)
     with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
         build_model(cfg.model.name, input_shape, num_classes, **hparams)
     return device
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """ConfigError unless the `optimizer` and `lr_schedule` groups build torch objects (tried
+    on one dummy parameter), naming the group and torch's or Hydra's first line of complaint."""
+    supervised = Schedule.from_cfg(cfg).supervised
+    group = "optimizer"
+    try:
+        optimizer = supervised.optimizer([torch.nn.Parameter(torch.zeros(1))], lr=supervised.lr)
+        group = "lr_schedule"
+        if supervised.lr_schedule is not None:
+            supervised.lr_schedule(optimizer)
+    except Exception as exc:  # torch raises many kinds for a bad argument
+        raise group_error(cfg, group, exc) from None
 
 
 def unwritable(folder: Path) -> str | None:

@@ -90,9 +90,11 @@ def resume_arguments(args: Sequence[str]) -> list[str]:
 
 
 def train_command(args: Sequence[str]) -> None:
-    missing = missing_plugin(args)
-    if missing:
-        _fail(missing)
+    from bioexp.config import retired_key
+
+    problem = missing_plugin(args) or next(filter(None, map(retired_key, args)), None)
+    if problem:
+        _fail(problem)
     sys.argv = ["bioexp train", *resume_arguments(args)]
     from bioexp.train import FAILED_JOBS
     from bioexp.train import main as hydra_main
@@ -118,6 +120,7 @@ def _table(title: str, rows: Sequence[Sequence[str]]) -> list[str]:
 
 def list_model(name: str) -> None:
     """`bioexp list model=NAME`: the model's hyperparameters, defaults, values and meanings."""
+    import bioexp.models  # noqa: F401  (registers the built-in models)
     from bioexp.config import model_options
     from bioexp.registry import get_model_entry
 
@@ -145,11 +148,15 @@ def list_command(args: Sequence[str]) -> None:
             _fail(f"bioexp list takes model=NAME (e.g. model=krotov_fc), got {opts.model!r}")
         list_model(opts.model.split("=", 1)[1])
         return
+    import bioexp.models  # noqa: F401  (registers the built-in models)
     from bioexp.config import group_options
     from bioexp.registry import list_models
 
     lines = _table("models (model=NAME)", [(m.name, m.description) for m in list_models()])
     groups = (("data", "datasets (data=NAME)"), ("schedule", "schedules (schedule=NAME)"),
+              ("optimizer", "optimisers of the supervised phase (optimizer=NAME)"),
+              ("lr_schedule", "learning-rate schedules of the supervised phase, stepped per epoch "
+                              "(lr_schedule=NAME)"),
               ("experiment", "experiment recipes (experiment=NAME)"),
               ("sweep", "sweep recipes (sweep=NAME, a multirun)"),
               ("hebbian_split", "semihebb layer splits (+hebbian_split=NAME)"),

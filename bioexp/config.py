@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bioexp.errors import ConfigError
 
-GROUPS = ("model", "data", "schedule", "experiment", "sweep", "hebbian_split", "hybrid")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
+GROUPS = ("model", "data", "schedule", "optimizer", "lr_schedule", "experiment", "sweep",
+          "hebbian_split", "hybrid")
+LOCAL_LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
 INPUT_SCALES = ("unit", "symmetric")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -177,15 +177,10 @@ def ignored_settings(cfg: DictConfig, given: Iterable[str]) -> list[str]:
     run does not use, so that a user who set it learns why it changed nothing."""
     given = set(given)
     notes = []
-    optimizer = OmegaConf.select(cfg, "schedule.supervised.optimizer")
-    if "schedule.supervised.momentum" in given and optimizer != "sgd":
-        notes.append(f"schedule.supervised.momentum is ignored: only optimizer sgd uses it, and "
-                     f"this run uses {optimizer}")
-    for phase in ("unsupervised", "supervised"):
-        lr_schedule = OmegaConf.select(cfg, f"schedule.{phase}.lr_schedule")
-        if f"schedule.{phase}.lr_decay" in given and lr_schedule != "exponential":
-            notes.append(f"schedule.{phase}.lr_decay is ignored: only lr_schedule exponential "
-                         f"uses it, and this run's is {lr_schedule}")
+    lr_schedule = OmegaConf.select(cfg, "schedule.unsupervised.lr_schedule")
+    if "schedule.unsupervised.lr_decay" in given and lr_schedule != "exponential":
+        notes.append(f"schedule.unsupervised.lr_decay is ignored: only lr_schedule exponential "
+                     f"uses it, and this run's is {lr_schedule}")
     rule = OmegaConf.select(cfg, "model.rule")
     if "model.sparsity" in given and rule in ("hebb", "oja"):
         notes.append(f"model.sparsity is ignored: only the gupta rules use it, and this run's "
@@ -235,9 +230,32 @@ def validate(cfg: DictConfig) -> None:
         check_int(cfg, f"{prefix}.epochs", minimum=0)
         check_int(cfg, f"{prefix}.batch_size", minimum=1)
         check_number(cfg, f"{prefix}.lr", low=0, low_inclusive=False)
-        check_choice(cfg, f"{prefix}.lr_schedule", LR_SCHEDULES)
-        check_number(cfg, f"{prefix}.lr_decay", low=0, high=1, low_inclusive=False)
-    check_choice(cfg, "schedule.supervised.optimizer", OPTIMIZERS)
-    check_number(cfg, "schedule.supervised.momentum", low=0, high=1)
-    check_number(cfg, "schedule.supervised.weight_decay", low=0)
+    check_choice(cfg, "schedule.unsupervised.lr_schedule", LOCAL_LR_SCHEDULES)
+    check_number(cfg, "schedule.unsupervised.lr_decay", low=0, high=1, low_inclusive=False)
     check_number(cfg, "schedule.supervised.grad_clip", low=0)
+    for group in ("optimizer", "lr_schedule"):
+        target = OmegaConf.select(cfg, f"{group}._target_")
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"{group} must name a class with _target_ (e.g. {group}="
+                              f"{'adam' if group == 'optimizer' else 'cosine'}), got {target!r}")
+
+
+# Keys of earlier versions, and what replaced them: `bioexp train` names the new key.
+RETIRED_KEYS = {
+    "schedule.supervised.optimizer": "the config group optimizer: optimizer=adam, adamw, sgd or "
+                                     "rmsprop, or any torch optimiser with "
+                                     "optimizer._target_=torch.optim.NAME",
+    "schedule.supervised.momentum": "optimizer.momentum (with optimizer=sgd or rmsprop)",
+    "schedule.supervised.weight_decay": "optimizer.weight_decay",
+    "schedule.supervised.lr_schedule": "the config group lr_schedule: lr_schedule=constant, "
+                                       "linear, cosine, exponential or step",
+    "schedule.supervised.lr_decay": "lr_schedule.lr_lambda.decay (with lr_schedule=exponential)",
+}
+
+
+def retired_key(override: str) -> str | None:
+    """One sentence when a command-line override sets a key of an earlier version."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    if key in RETIRED_KEYS:
+        return f"{key} is gone: use {RETIRED_KEYS[key]}"
+    return None

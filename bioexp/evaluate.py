@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.data import Dataset, Split, load_dataset
 from bioexp.errors import ConfigError
 from bioexp.layers.feedback import FeedbackLayer, exact_backprop

@@ -188,6 +188,17 @@ def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
     fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(min(7.8 + bar_width, 30),
                                                           4.8 + 0.16 * legend_rows),
                                            gridspec_kw={"width_ratios": [7.8, bar_width]})
+    _curve_panel(ax_curve, curves, colors, metric, many)
+    _bar_panel(ax_bar, finals, colors, metric, many)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+    return path
+
+
+def _curve_panel(ax: plt.Axes, curves: dict[str, list[list[tuple[int, float]]]],
+                 colors: dict[str, tuple], metric: str, many: bool) -> None:
+    """Each group's mean curve over its runs, shaded one standard deviation either side."""
     for i, (label, runs) in enumerate(curves.items()):
         by_epoch: dict[int, list[float]] = {}
         for curve in runs:
@@ -199,43 +210,42 @@ def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
         mean = np.array([np.mean(by_epoch[e]) for e in epochs])
         std = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0
                         for e in epochs])
-        ax_curve.plot(epochs, mean, marker=MARKERS[i % len(MARKERS)] if many else "o",
-                      markersize=3, color=colors[label], label=f"{label} (n={len(runs)})")
-        ax_curve.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
-    ax_curve.set(xlabel="supervised epoch", ylabel=metric,
-                 title=f"{metric} per epoch (mean; shaded: one standard deviation)")
-    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_curve.grid(alpha=0.3)
-    if ax_curve.lines and many:
-        ax_curve.legend(fontsize="x-small", ncol=3, loc="upper center",
-                        bbox_to_anchor=(0.5, -0.14))
-    elif ax_curve.lines:
-        ax_curve.legend(fontsize="small")
+        ax.plot(epochs, mean, marker=MARKERS[i % len(MARKERS)] if many else "o",
+                markersize=3, color=colors[label], label=f"{label} (n={len(runs)})")
+        ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
+    ax.set(xlabel="supervised epoch", ylabel=metric,
+           title=f"{metric} per epoch (mean; shaded: one standard deviation)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.lines and many:
+        ax.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    elif ax.lines:
+        ax.legend(fontsize="small")
 
+
+def _bar_panel(ax: plt.Axes, finals: dict[str, list[float]], colors: dict[str, tuple],
+               metric: str, many: bool) -> None:
+    """A bar per group: the mean final metric, its standard deviation, its run count."""
+    labels = list(finals)
     means = [float(np.mean(v)) if v else 0.0 for v in finals.values()]
     stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in finals.values()]
-    bars = ax_bar.bar(range(len(labels)), means, yerr=stds, capsize=4 if len(labels) < 20 else 2,
-                      color=[colors[label] for label in labels])
+    bars = ax.bar(range(len(labels)), means, yerr=stds, capsize=4 if len(labels) < 20 else 2,
+                  color=[colors[label] for label in labels])
     vertical = len(labels) > 6
     for bar, values, std in zip(bars, finals.values(), stds, strict=True):
         text = f"{np.mean(values):.3f}" if values else "no completed run"
-        ax_bar.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + std),
-                        ha="center", va="bottom", fontsize="x-small" if vertical else "small",
-                        rotation=90 if vertical else 0, xytext=(0, 2),
-                        textcoords="offset points")
+        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + std),
+                    ha="center", va="bottom", fontsize="x-small" if vertical else "small",
+                    rotation=90 if vertical else 0, xytext=(0, 2), textcoords="offset points")
     ticks = [f"{label} (n={len(v)})" for label, v in finals.items()]
     slanted = len(labels) * max(map(len, ticks), default=0) > 60  # would not fit side by side
-    ax_bar.set_xticks(range(len(labels)), ticks, rotation=30 if slanted else 0,
-                      ha="right" if slanted else "center", rotation_mode="anchor",
-                      fontsize="x-small" if many else "small")
+    ax.set_xticks(range(len(labels)), ticks, rotation=30 if slanted else 0,
+                  ha="right" if slanted else "center", rotation_mode="anchor",
+                  fontsize="x-small" if many else "small")
     top = max((m + s for m, s in zip(means, stds, strict=True)), default=0.0) * 1.2 or 1.0
-    ax_bar.set(ylabel=f"final {metric}", title=f"final {metric} per group",
-               ylim=(0, min(top, 1.15) if metric.endswith("acc") else top))
-    ax_bar.grid(alpha=0.3, axis="y")
-    if title:
-        fig.suptitle(title)
-    _save(fig, path)
-    return path
+    ax.set(ylabel=f"final {metric}", title=f"final {metric} per group",
+           ylim=(0, min(top, 1.15) if metric.endswith("acc") else top))
+    ax.grid(alpha=0.3, axis="y")
 
 
 def plot_fgsm(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path,

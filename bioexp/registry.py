@@ -1,5 +1,8 @@
 """The model registry: `@register_model` on a factory, `build_model(name, ...)`, `list_models()`.
 
+It knows nothing of the models package: importing `bioexp.models` registers the built-in
+models, and whoever needs the full list (the Hydra task, `bioexp list`, the checks) imports it.
+
 As in timm, a model is a small factory function whose keyword arguments are its hyperparameters;
 `conf/model/<name>.yaml` names the factory and sets them. The factory's signature is the schema:
 `build_model` rejects unknown keys, values of the wrong type and values out of range with one
@@ -88,19 +91,16 @@ def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module
     return factory
 
 
-def _ensure_models_imported() -> None:
-    import bioexp.models  # noqa: F401  (registers the built-in models)
-
-
 def list_models() -> list[ModelEntry]:
-    _ensure_models_imported()
+    """Every registered model, by name. The built-in ones register when `bioexp.models` is
+    imported; the registry itself imports no model."""
     return [_MODELS[name] for name in sorted(_MODELS)]
 
 
 def get_model_entry(name: str) -> ModelEntry:
-    _ensure_models_imported()
     if name not in _MODELS:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+        known = ", ".join(sorted(_MODELS)) or "none (import bioexp.models to register them)"
+        raise ConfigError(f"unknown model {name!r}; available: {known}")
     return _MODELS[name]
 
 

@@ -30,6 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import bioexp
+from bioexp.alignment import layer_roles
 from bioexp.cache import Phase1Cache, phase1_key
 from bioexp.checks import preflight
 from bioexp.compare import find_runs, run_table, runs_table, text_table
@@ -41,9 +42,8 @@ from bioexp.config import (
     model_hyperparameters,
 )
 from bioexp.data import load_dataset
-from bioexp.engine import Diverged, Schedule, fit, local_layers
+from bioexp.engine import Diverged, FitResult, Schedule, fit, local_layers
 from bioexp.errors import BioexpError, ConfigError
-from bioexp.feedback.alignment import layer_roles
 from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
 from bioexp.records import (
     CHECKPOINT,
@@ -141,7 +141,7 @@ class StopRequest:
 
 
 # The checkpoint layout; a file without it is refused on resume.
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the scheduler's state and the step metrics' running sums
 # Statuses after which re-running into the same folder trains nothing more.
 FINISHED = ("completed", "diverged")
 
@@ -173,14 +173,24 @@ def load_model_state(model: torch.nn.Module, state: dict, run_dir: Path, name: s
                           ) from None
 
 
-def config_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first config key whose value differs, ignoring RESUME_FREE_KEYS, as a phrase."""
+def config_difference(saved: dict[str, Any], current: dict[str, Any],
+                      derived: set[str] = frozenset()) -> str | None:
+    """The first config key whose value differs, ignoring RESUME_FREE_KEYS, as a phrase. Keys in
+    `derived` (interpolations of other keys, such as the cosine schedule's epochs) are named
+    only when nothing else differs: the user changed the key they come from."""
     a, b = flatten(saved), flatten(current)
-    for key in sorted(set(a) | set(b)):
+    keys = sorted(set(a) | set(b), key=lambda k: (k in derived, k))
+    for key in keys:
         if key.split(".")[0] in RESUME_FREE_KEYS or a.get(key) == b.get(key):
             continue
         return f"{key} is {a.get(key)!r} there and {b.get(key)!r} here"
     return None
+
+
+def interpolated_keys(cfg: DictConfig) -> set[str]:
+    """The dotted keys of `cfg` whose values are interpolations (`${...}`)."""
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+    return {key for key, value in raw.items() if isinstance(value, str) and "${" in value}
 
 
 def resumed_config(run_dir: Path, cfg: DictConfig, given: Sequence[str]) -> DictConfig:
@@ -207,97 +217,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     `diverged` and returned; Ctrl-C and SIGTERM are recorded as `interrupted` and re-raised.
     """
     config = OmegaConf.to_container(cfg, resolve=True)
-    checkpoint_path = run_dir / CHECKPOINT
-    hydra_files = {name: (run_dir / ".hydra" / name).read_text()
-                   for name in ("config.yaml", "overrides.yaml")
-                   if (run_dir / ".hydra" / name).is_file()}
-    saved = None
-    if checkpoint_path.exists():
-        saved = read_checkpoint(checkpoint_path)
-        difference = config_difference(saved["config"], config)
-        if difference:
-            for name, text in saved.get("hydra_files", {}).items():  # Hydra overwrote them
-                atomic_write(run_dir / ".hydra" / name, lambda f, t=text: f.write(t))
-            raise ConfigError(f"{run_dir} holds a run with another config ({difference}); "
-                              "give a new hydra.run.dir, or resume that run as it was")
-        hydra_files = saved.get("hydra_files", hydra_files)
-    previous_summary = (read_json(run_dir / SUMMARY)
-                        if saved is not None and (run_dir / SUMMARY).is_file() else {})
-    if previous_summary.get("status") in FINISHED:
+    saved, hydra_files = existing_run(run_dir, config, interpolated_keys(cfg))
+    previous = (read_json(run_dir / SUMMARY)
+                if saved is not None and (run_dir / SUMMARY).is_file() else {})
+    if previous.get("status") in FINISHED:
         log.info("%s already holds a %s run; nothing to do (delete the folder to train it "
-                 "again)", run_dir, previous_summary["status"])
-        return previous_summary
-    recorder = RunRecorder(run_dir)
-    recorder.summary = dict(previous_summary)
-    if saved is None and recorder.metrics_path.exists():
-        recorder.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
-    start = time.perf_counter() - float(previous_summary.get("wall_time_s") or 0.0)
-    recorder.update_summary(
-        status="running", model=cfg.model.get("name"), dataset=cfg.data.get("name"),
-        schedule=cfg.schedule.get("name"), seed=cfg.get("seed"),
-        started=previous_summary.get("started", _now()),
-    )
-    if saved is not None:
-        position = saved["training"]["position"]  # its epoch counts from 0, the log's from 1
-        resumes = [*previous_summary.get("resumed", []),
-                   {"at": _now(), "phase": position["phase"], "epoch": position["epoch"] + 1,
-                    "batch": position["batch"], "step": position["step"]}]
-        recorder.update_summary(resumed=resumes, error=None)
-    model = None
+                 "again)", run_dir, previous["status"])
+        return previous
+    recorder = open_records(cfg, run_dir, saved, previous)
+    start = time.perf_counter() - float(previous.get("wall_time_s") or 0.0)
+    built: dict[str, Any] = {}  # the model and its input shape, once built, for the plots
     stop = StopRequest()
     try:
-        device = preflight(cfg)
-        for note in ignored_settings(cfg, given_keys(run_dir)):
-            log.warning("%s", note)
-        hparams = model_hyperparameters(cfg)
-        if cfg.get("threads") is not None:
-            torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
-        data = load_dataset(cfg.data, cfg.model.input_scale, device)
-        input_shape = data.input_shape
-        model = build_model(cfg.model.name, input_shape, data.num_classes, **hparams)
-        model = model.to(device)
-        schedule = Schedule.from_cfg(cfg.schedule)
-        counts = parameter_counts(model)
-        recorder.update_summary(device=str(device), data_origin=data.origin,
-                                input_shape=list(data.input_shape), num_classes=data.num_classes,
-                                parameters={"trainable": counts["trainable"],
-                                            "other": counts["local"]},
-                                environment=environment(device))
-        log.info("model %s: %d trainable parameters, device %s", cfg.model.name,
-                 counts["trainable"], device)
-
-        def checkpoint(state: dict) -> None:
-            recorder.save_checkpoint({"format": CHECKPOINT_FORMAT, "model_name": cfg.model.name,
-                                      "model": model.state_dict(), "config": config,
-                                      "hydra_files": hydra_files, "training": state})
-
-        cache = phase1_cache(cfg, model, schedule, device)  # keyed on the initial weights
-        if saved is not None:
-            load_model_state(model, saved["model"], run_dir, cfg.model.name)
-        with stop.installed():
-            result = fit(model, data, schedule, recorder, seed=cfg.seed,
-                         eval_batch_size=cfg.eval_batch_size, progress=_show_progress(cfg),
-                         checkpoint=checkpoint,
-                         checkpoint_every_s=60.0 * cfg.get("checkpoint_every_min", 0),
-                         stop=stop, resume=saved["training"] if saved is not None else None,
-                         phase1_cache=cache)
-        if cache is not None:
-            recorder.update_summary(phase1_cache={
-                "status": "hit" if result.phase1_cache_hit else "miss", "key": cache.key,
-                "file": str(cache.path)})
-        elif has_phase1(model, schedule):
-            recorder.update_summary(phase1_cache={"status": "off"})
-        recorder.update_summary(status="completed", test_acc=result.test_acc,
-                                **({"val_acc": result.val_acc} if result.val_acc is not None
-                                   else {}),
-                                best_test_acc=result.best_test_acc, best_epoch=result.best_epoch,
-                                phases=result.phases)
-        if result.best_epoch is None:
-            log.info("completed: test accuracy %.4f (no supervised epoch)", result.test_acc)
-        else:
-            log.info("completed: test accuracy %.4f (best %.4f at epoch %d)", result.test_acc,
-                     result.best_test_acc, result.best_epoch)
+        train(cfg, run_dir, recorder, saved, {"format": CHECKPOINT_FORMAT, "config": config,
+                                              "hydra_files": hydra_files}, stop, built)
     except Diverged as exc:
         recorder.update_summary(status="diverged", error=str(exc),
                                 diverged_at={"phase": exc.phase, "epoch": exc.epoch,
@@ -316,14 +249,122 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         recorder.update_summary(finished=_now(),
                                 wall_time_s=round(time.perf_counter() - start, 3))
-        title = f"{cfg.model.get('name')} on {cfg.data.get('name')}"
-        if recorder.rows:
-            plot_curves(recorder.rows, run_dir / "plots" / "curves.png", title=title)
-            plot_alignment(recorder.rows, run_dir / "plots" / "alignment.png", title=title,
-                           labels=layer_roles(model) if model is not None else None)
-        if model is not None:
-            plot_local_layer(model, input_shape, run_dir / "plots", title)
+        draw_plots(cfg, run_dir, recorder.rows, built)
     return recorder.summary
+
+
+def existing_run(run_dir: Path, config: dict[str, Any],
+                 derived: set[str]) -> tuple[dict | None, dict[str, str]]:
+    """The checkpoint a run folder already holds (None when it holds none), and the .hydra files
+    of the run (the checkpoint's own, which Hydra may have overwritten). ConfigError when the
+    folder holds a run with another config (see `config_difference`)."""
+    hydra_files = {name: (run_dir / ".hydra" / name).read_text()
+                   for name in ("config.yaml", "overrides.yaml")
+                   if (run_dir / ".hydra" / name).is_file()}
+    if not (run_dir / CHECKPOINT).exists():
+        return None, hydra_files
+    saved = read_checkpoint(run_dir / CHECKPOINT)
+    difference = config_difference(saved["config"], config, derived)
+    if difference:
+        for name, text in saved.get("hydra_files", {}).items():  # Hydra overwrote them
+            atomic_write(run_dir / ".hydra" / name, lambda f, t=text: f.write(t))
+        raise ConfigError(f"{run_dir} holds a run with another config ({difference}); "
+                          "give a new hydra.run.dir, or resume that run as it was")
+    return saved, saved.get("hydra_files", hydra_files)
+
+
+def open_records(cfg: DictConfig, run_dir: Path, saved: dict | None,
+                 previous: dict[str, Any]) -> RunRecorder:
+    """The run folder's recorder, its summary marked `running` (and the resumption listed)."""
+    recorder = RunRecorder(run_dir)
+    recorder.summary = dict(previous)
+    if saved is None and recorder.metrics_path.exists():
+        recorder.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
+    recorder.update_summary(
+        status="running", model=cfg.model.get("name"), dataset=cfg.data.get("name"),
+        schedule=cfg.schedule.get("name"), seed=cfg.get("seed"),
+        started=previous.get("started", _now()),
+    )
+    if saved is not None:
+        position = saved["training"]["position"]  # its epoch counts from 0, the log's from 1
+        resumes = [*previous.get("resumed", []),
+                   {"at": _now(), "phase": position["phase"], "epoch": position["epoch"] + 1,
+                    "batch": position["batch"], "step": position["step"]}]
+        recorder.update_summary(resumed=resumes, error=None)
+    return recorder
+
+
+def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | None,
+          checkpoint_head: dict[str, Any], stop: StopRequest, built: dict[str, Any]) -> None:
+    """Check, load the data, build the model (into `built`), fit it with checkpoints, and
+    record the result as `completed`."""
+    device = preflight(cfg)
+    for note in ignored_settings(cfg, given_keys(run_dir)):
+        log.warning("%s", note)
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.data, cfg.model.input_scale, device)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes,
+                        **model_hyperparameters(cfg)).to(device)
+    built.update(model=model, input_shape=data.input_shape)
+    schedule = Schedule.from_cfg(cfg)
+    counts = parameter_counts(model)
+    recorder.update_summary(device=str(device), data_origin=data.origin,
+                            input_shape=list(data.input_shape), num_classes=data.num_classes,
+                            parameters={"trainable": counts["trainable"],
+                                        "other": counts["local"]},
+                            environment=environment(device))
+    log.info("model %s: %d trainable parameters, device %s", cfg.model.name,
+             counts["trainable"], device)
+
+    def checkpoint(state: dict) -> None:
+        recorder.save_checkpoint({**checkpoint_head, "model_name": cfg.model.name,
+                                  "model": model.state_dict(), "training": state})
+
+    cache = phase1_cache(cfg, model, schedule, device)  # keyed on the initial weights
+    if saved is not None:
+        load_model_state(model, saved["model"], run_dir, cfg.model.name)
+    with stop.installed():
+        result = fit(model, data, schedule, recorder, seed=cfg.seed,
+                     eval_batch_size=cfg.eval_batch_size, progress=_show_progress(cfg),
+                     checkpoint=checkpoint,
+                     checkpoint_every_s=60.0 * cfg.get("checkpoint_every_min", 0),
+                     stop=stop, resume=saved["training"] if saved is not None else None,
+                     phase1_cache=cache)
+    if cache is not None:
+        recorder.update_summary(phase1_cache={
+            "status": "hit" if result.phase1_cache_hit else "miss", "key": cache.key,
+            "file": str(cache.path)})
+    elif has_phase1(model, schedule):
+        recorder.update_summary(phase1_cache={"status": "off"})
+    record_completion(recorder, result)
+
+
+def record_completion(recorder: RunRecorder, result: FitResult) -> None:
+    recorder.update_summary(status="completed", test_acc=result.test_acc,
+                            **({"val_acc": result.val_acc} if result.val_acc is not None
+                               else {}),
+                            best_test_acc=result.best_test_acc, best_epoch=result.best_epoch,
+                            phases=result.phases)
+    if result.best_epoch is None:
+        log.info("completed: test accuracy %.4f (no supervised epoch)", result.test_acc)
+    else:
+        log.info("completed: test accuracy %.4f (best %.4f at epoch %d)", result.test_acc,
+                 result.best_test_acc, result.best_epoch)
+
+
+def draw_plots(cfg: DictConfig, run_dir: Path, rows: list[dict], built: dict[str, Any]) -> None:
+    """The run's figures from what it got to: curves and alignment from its metrics rows, the
+    local layer's receptive fields and win counts from its model."""
+    title = f"{cfg.model.get('name')} on {cfg.data.get('name')}"
+    model = built.get("model")
+    if rows:
+        plot_curves(rows, run_dir / "plots" / "curves.png", title=title)
+        plot_alignment(rows, run_dir / "plots" / "alignment.png", title=title,
+                       labels=layer_roles(model) if model is not None else None)
+    if model is not None:
+        plot_local_layer(model, built["input_shape"], run_dir / "plots", title)
 
 
 # Data keys that do not change the training images, so they stay out of the phase-1 cache key

@@ -14,8 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from timing import device_label, interleaved_medians
 
+import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.data import load_dataset
-from bioexp.engine import Phase, make_optimizer, supervised_epoch
+from bioexp.engine import SupervisedPhase, supervised_epoch
 from bioexp.registry import build_model
 
 
@@ -42,17 +43,17 @@ def main() -> None:
                                  "n_train": 20000, "n_test": 1000, "num_classes": 10,
                                  "channels": 1, "image_size": 28, "noise": 0.3})
     data = load_dataset(data_cfg, "unit", device)
-    phase = Phase("supervised", 1, opts.batch_size, 1e-3)
+    phase = SupervisedPhase(1, opts.batch_size, 1e-3)
     torch.manual_seed(0)
     model = build_model("bp_mlp", data.input_shape, data.num_classes).to(device)
-    optimizer = make_optimizer(list(model.parameters()), phase)
+    optimizer = phase.optimizer(model.parameters(), lr=phase.lr)
     generator = torch.Generator().manual_seed(0)
 
     order = torch.randperm(len(data.train), generator=generator).to(device)
     x, y = data.train.x[order], data.train.y[order]
     runs = {
         "bare loop": lambda: bare_epoch(model, optimizer, x, y, opts.batch_size),
-        "engine epoch": lambda: supervised_epoch(model, model, optimizer, data.train, phase, 0,
+        "engine epoch": lambda: supervised_epoch(model, optimizer, data.train, phase, 0,
                                                  generator, progress=False),
     }
     medians = interleaved_medians(runs, device, opts.repeats)

@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.config import config_dir
 from bioexp.data.sources import SOURCES, locate
 from bioexp.records import read_json

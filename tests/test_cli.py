@@ -357,8 +357,8 @@ def test_divergence_is_recorded_and_keeps_the_folder(bioexp, tmp_path):
     run_dir = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("schedule.supervised.epochs=")]
     result = bioexp("train", *args, "schedule.supervised.epochs=4", "model.dropout=0.2",
-                    "schedule.supervised.optimizer=sgd", "schedule.supervised.lr=1.5",
-                    "schedule.supervised.lr_schedule=constant", f"hydra.run.dir={run_dir}")
+                    "optimizer=sgd", "schedule.supervised.lr=1.5",
+                    "lr_schedule=constant", f"hydra.run.dir={run_dir}")
     assert_clean_failure(result, tmp_path, "diverged", "100 times the untrained model's")
 
     summary = read_json(run_dir / "summary.json")
@@ -387,7 +387,7 @@ def test_nan_after_the_last_step_is_divergence_not_completion(bioexp, tmp_path):
     args = [a for a in TINY if not a.startswith(("schedule.supervised.epochs=",
                                                   "schedule.supervised.batch_size="))]
     result = bioexp("train", *args, "schedule.supervised.epochs=1",
-                    "schedule.supervised.batch_size=256", "schedule.supervised.optimizer=sgd",
+                    "schedule.supervised.batch_size=256", "optimizer=sgd",
                     "schedule.supervised.lr=1e30", f"hydra.run.dir={run_dir}")
     summary = read_json(run_dir / "summary.json")
     if summary["status"] == "completed":

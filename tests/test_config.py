@@ -4,6 +4,7 @@ validates and builds, and `validate` names the key of every bad value."""
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -147,8 +148,6 @@ BAD_VALUES = [
     ("data.train_limit=0", "data.train_limit", "0"),
     ("data.test_limit=-5", "data.test_limit", "-5"),
     ("data.val_size=-1", "data.val_size", "-1"),
-    ("schedule.supervised.optimizer=rmsprop", "schedule.supervised.optimizer", "'rmsprop'"),
-    ("schedule.supervised.lr_schedule=step", "schedule.supervised.lr_schedule", "'step'"),
     ("schedule.unsupervised.lr_schedule=step", "schedule.unsupervised.lr_schedule", "'step'"),
     ("device=gpu", "device", "'gpu'"),
     ("model.input_scale=foo", "model.input_scale", "'foo'"),
@@ -170,9 +169,49 @@ def test_validate_rejects_and_names_the_key(make_cfg, override, key, shown):
 
 def test_validate_lists_the_choices(make_cfg):
     with pytest.raises(ConfigError) as excinfo:
-        validate(make_cfg("schedule.supervised.optimizer=rmsprop"))
-    for choice in ("adam", "adamw", "sgd"):
+        validate(make_cfg("schedule.unsupervised.lr_schedule=step"))
+    for choice in ("constant", "cosine", "linear", "exponential"):
         assert choice in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("override", "new"), [
+    ("schedule.supervised.optimizer=sgd", "use the config group optimizer: optimizer=adam"),
+    ("schedule.supervised.momentum=0.5", "use optimizer.momentum"),
+    ("schedule.supervised.weight_decay=0.1", "use optimizer.weight_decay"),
+    ("schedule.supervised.lr_schedule=linear", "use the config group lr_schedule"),
+    ("schedule.supervised.lr_decay=0.9", "use lr_schedule.lr_lambda.decay"),
+])
+def test_keys_of_earlier_versions_name_their_replacement(override, new):
+    from bioexp.config import retired_key
+
+    key = override.split("=")[0]
+    assert retired_key(override).startswith(f"{key} is gone: {new}")
+    assert retired_key("schedule.supervised.lr=0.1") is None
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "rmsprop"])
+def test_every_optimizer_and_schedule_option_builds_a_torch_object(make_cfg, name):
+    from bioexp.engine import Schedule
+
+    for lr_schedule in options("lr_schedule"):
+        sup = Schedule.from_cfg(make_cfg(f"optimizer={name}", f"lr_schedule={lr_schedule}")
+                                ).supervised
+        optimizer = sup.optimizer([torch.nn.Parameter(torch.zeros(2))], lr=0.01)
+        assert type(optimizer).__module__.startswith("torch.optim")
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+        scheduler = sup.lr_schedule(optimizer)
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+
+
+def test_any_torch_optimizer_from_the_command_line(make_cfg):
+    from bioexp.engine import Schedule
+
+    cfg = make_cfg("optimizer._target_=torch.optim.Adagrad", "~optimizer.weight_decay",
+                   "+optimizer.lr_decay=0.01")
+    optimizer = Schedule.from_cfg(cfg).supervised.optimizer([torch.nn.Parameter(torch.zeros(2))],
+                                                            lr=0.1)
+    assert isinstance(optimizer, torch.optim.Adagrad)
+    assert optimizer.defaults["lr_decay"] == 0.01
 
 
 @pytest.mark.parametrize("overrides", [
@@ -183,7 +222,7 @@ def test_validate_lists_the_choices(make_cfg):
     ("schedule.supervised.lr=1",),
     ("device=cpu",), ("device=cuda",), ("device=cuda:1",), ("device=auto",),
     ("model.input_scale=symmetric",),
-    ("schedule.supervised.optimizer=sgd", "schedule.supervised.lr_schedule=constant"),
+    ("optimizer=sgd", "lr_schedule=constant"),
 ])
 def test_validate_accepts(make_cfg, overrides):
     cfg = make_cfg(*overrides)
@@ -206,19 +245,17 @@ def test_model_config_values_equal_the_factory_defaults(make_cfg, model):
 def test_ignored_settings_are_named_only_when_given(make_cfg):
     from bioexp.config import ignored_settings
 
-    cfg = make_cfg("model=semihebb", "model.rule=oja", "schedule.supervised.momentum=0.5")
-    notes = ignored_settings(cfg, ["model.rule", "model.sparsity", "schedule.supervised.momentum",
-                                   "schedule.supervised.lr_decay"])
+    cfg = make_cfg("model=semihebb", "model.rule=oja")
+    notes = ignored_settings(cfg, ["model.rule", "model.sparsity",
+                                   "schedule.unsupervised.lr_decay"])
     assert notes == [
-        "schedule.supervised.momentum is ignored: only optimizer sgd uses it, and this run uses "
-        "adam",
-        "schedule.supervised.lr_decay is ignored: only lr_schedule exponential uses it, and this "
-        "run's is cosine",
+        "schedule.unsupervised.lr_decay is ignored: only lr_schedule exponential uses it, and "
+        "this run's is linear",
         "model.sparsity is ignored: only the gupta rules use it, and this run's model.rule is oja",
     ]
     assert ignored_settings(cfg, []) == []  # defaults the user never touched say nothing
-    sgd = make_cfg("schedule.supervised.optimizer=sgd")
-    assert ignored_settings(sgd, ["schedule.supervised.momentum"]) == []
+    exponential = make_cfg("schedule.unsupervised.lr_schedule=exponential")
+    assert ignored_settings(exponential, ["schedule.unsupervised.lr_decay"]) == []
 
 
 def test_descriptions_are_whole_paragraphs():
@@ -238,3 +275,21 @@ def test_every_model_hyperparameter_has_a_meaning():
         rows, _ = model_options(entry.name)
         assert {key for key, _, _ in rows} == set(entry.hyperparameters()) | {"input_scale"}
         assert all(meaning for _, _, meaning in rows), (entry.name, rows)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("optimizer._target_=torch.optim.Nope",),
+     "optimizer (torch.optim.Nope) cannot be built: Error locating target 'torch.optim.Nope'"),
+    (("+optimizer.betaz=3",), "optimizer (torch.optim.Adam) cannot be built: Adam.__init__() "
+                              "got an unexpected keyword argument 'betaz'"),
+    (("lr_schedule=step", "+lr_schedule.foo=1"), "lr_schedule (torch.optim.lr_scheduler.StepLR) "
+                                                 "cannot be built: StepLR.__init__() got an "
+                                                 "unexpected keyword argument 'foo'"),
+])
+def test_an_optimizer_or_schedule_that_cannot_be_built_is_one_sentence(make_cfg, overrides,
+                                                                       message):
+    from bioexp.checks import preflight
+
+    with pytest.raises(ConfigError) as excinfo:
+        preflight(make_cfg("data=synthetic", *overrides))
+    assert str(excinfo.value) == message

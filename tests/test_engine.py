@@ -11,8 +11,9 @@ from torch import nn
 from bioexp.data import Dataset, Split
 from bioexp.engine import (
     Diverged,
-    Phase,
     Schedule,
+    SupervisedPhase,
+    UnsupervisedPhase,
     evaluate,
     fit,
     frozen_body,
@@ -60,8 +61,8 @@ def local_model(dim: int = 8, hidden: int = 6, classes: int = 4) -> Classifier:
 
 
 def schedule(name: str, unsup_epochs: int = 2, sup_epochs: int = 3, lr: float = 0.05) -> Schedule:
-    return Schedule(name, Phase("unsupervised", unsup_epochs, 50, 0.01, "linear"),
-                    Phase("supervised", sup_epochs, 50, lr))
+    return Schedule(name, UnsupervisedPhase(unsup_epochs, 50, 0.01, "linear"),
+                    SupervisedPhase(sup_epochs, 50, lr))
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
@@ -70,9 +71,22 @@ def schedule(name: str, unsup_epochs: int = 2, sup_epochs: int = 3, lr: float = 
     ("cosine", [0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]),
     ("exponential", [1.0, 0.5, 0.25, 0.125]),
 ])
-def test_lr_schedules(kind: str, expected: list[float]) -> None:
-    phase = Phase("supervised", 4, 10, 0.2, lr_schedule=kind, lr_decay=0.5)
+def test_lr_schedules(kind: str, expected: list[float], make_cfg) -> None:
+    """The local rate's named schedules, and the supervised ones the lr_schedule group builds."""
+    phase = UnsupervisedPhase(4, 10, 0.2, lr_schedule=kind, lr_decay=0.5)
     assert [phase.lr_at(e) for e in range(4)] == pytest.approx([0.2 * f for f in expected])
+    cfg = make_cfg(f"lr_schedule={kind}", "schedule.supervised.epochs=4",
+                   "schedule.supervised.lr=0.2", "optimizer=sgd")
+    if kind == "exponential":
+        cfg.lr_schedule.lr_lambda.decay = 0.5
+    sup = Schedule.from_cfg(cfg).supervised
+    optimizer = sup.optimizer([nn.Parameter(torch.zeros(1))], lr=sup.lr)
+    scheduler, rates = sup.lr_schedule(optimizer), []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [phase.lr_at(e) for e in range(4)]  # exactly: LambdaLR, closed forms
 
 
 def test_local_learning_hooks_feed_each_layer_its_input_and_are_removed() -> None:
@@ -107,8 +121,9 @@ def test_two_phase_head_on_cached_features_equals_head_on_live_body(tmp_path) ->
     torch.manual_seed(0)
     model, data = local_model(), blob_data()
     fit(model, data, schedule("two_phase"), RunRecorder(tmp_path), seed=0)
-    cached = evaluate(model, model.head, Split(model.body(data.test.x), data.test.y), 100)
-    live = evaluate(model, model, data.test, 100)
+    with model.on_features():
+        cached = evaluate(model, Split(model.body(data.test.x), data.test.y), 100)
+    live = evaluate(model, data.test, 100)
     assert cached == pytest.approx(live)
 
 
@@ -167,8 +182,8 @@ def test_an_exploding_loss_is_divergence_not_completion(tmp_path) -> None:
     torch.manual_seed(0)
     model = Classifier(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
     with pytest.raises(Diverged) as info:
-        fit(model, blob_data(), Schedule("two_phase", Phase("unsupervised", 0, 50, 0.1),
-                                         Phase("supervised", 2, 50, 1e6)),
+        fit(model, blob_data(), Schedule("two_phase", UnsupervisedPhase(0, 50, 0.1),
+                                         SupervisedPhase(2, 50, 1e6)),
             RunRecorder(tmp_path), seed=0)
     assert (info.value.epoch, info.value.phase) == (1, "supervised")
     assert 1 <= info.value.step <= 8
@@ -178,8 +193,8 @@ def test_an_exploding_loss_is_divergence_not_completion(tmp_path) -> None:
 def test_local_layer_divergence_is_caught(tmp_path) -> None:
     model = local_model()
     with pytest.raises(Diverged) as info:
-        fit(model, blob_data(), Schedule("two_phase", Phase("unsupervised", 2, 50, 1e6),
-                                         Phase("supervised", 1, 50, 0.01)),
+        fit(model, blob_data(), Schedule("two_phase", UnsupervisedPhase(2, 50, 1e6),
+                                         SupervisedPhase(1, 50, 0.01)),
             RunRecorder(tmp_path), seed=0)
     assert info.value.phase == "unsupervised" and info.value.step is None
 
@@ -187,7 +202,7 @@ def test_local_layer_divergence_is_caught(tmp_path) -> None:
 def test_evaluate_matches_a_hand_count() -> None:
     model = Classifier(nn.Linear(8, 4))
     data = blob_data()
-    loss, acc = evaluate(model, model, data.test, batch_size=33)
+    loss, acc = evaluate(model, data.test, batch_size=33)
     with torch.no_grad():
         out = model(data.test.x)
     assert acc == pytest.approx((out.argmax(1) == data.test.y).float().mean().item())

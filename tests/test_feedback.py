@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import TINY
 from torch import nn
 
+from bioexp.alignment import alignment_angles, angle_degrees, measured_layers
 from bioexp.data import Dataset, Split
-from bioexp.engine import Phase, Schedule, fit
+from bioexp.engine import Schedule, SupervisedPhase, UnsupervisedPhase, fit
 from bioexp.errors import ConfigError
-from bioexp.feedback.alignment import alignment_angles, angle_degrees, measured_layers
 from bioexp.feedback.functions import conv2d_feedback, linear_feedback
 from bioexp.layers.feedback import (
     DFAOutput,
@@ -484,11 +484,11 @@ def test_alignment_is_zero_when_b_equals_w() -> None:
     torch.manual_seed(0)
     model = small_model("fa_mlp", (6,), 3)
     x, y = probe_batch((6,))
-    random_b = alignment_angles(model, model, x, y)
+    random_b = alignment_angles(model, x, y)
     with torch.no_grad():
         for layer in linears(model):
             layer.feedback_weight.copy_(layer.weight)
-    angles = alignment_angles(model, model, x, y)
+    angles = alignment_angles(model, x, y)
     assert set(angles) == {"angle/head.1", "angle/head.3", "angle/head.5"}
     assert all(v == pytest.approx(0.0, abs=1e-3) for v in angles.values()), angles
     # With random B, the hidden layers' updates are not backprop's; the last layer's is.
@@ -500,7 +500,7 @@ def test_alignment_is_empty_for_backprop_models() -> None:
     for name, kwargs in [("bp_mlp", {"hidden": [6]}), ("cnn", {"channels": [2, 3],
                                                                 "hidden": [6]})]:
         model = build_model(name, (1, 8, 8), 3, **kwargs)
-        assert alignment_angles(model, model, *probe_batch((1, 8, 8))) == {}
+        assert alignment_angles(model, *probe_batch((1, 8, 8))) == {}
         assert measured_layers(model) == []
 
 
@@ -513,7 +513,7 @@ def test_alignment_has_one_key_per_trainable_layer_and_touches_nothing(name: str
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.train()
-    angles = alignment_angles(model, model, x, y)
+    angles = alignment_angles(model, x, y)
     expected = {f"angle/{n}" for n, m in model.named_modules()
                 if isinstance(m, (nn.Linear, nn.Conv2d))}
     assert set(angles) == expected
@@ -522,7 +522,7 @@ def test_alignment_has_one_key_per_trainable_layer_and_touches_nothing(name: str
     for n, p in model.named_parameters():
         assert torch.equal(p, params[n]) and torch.equal(p.grad, grads[n]), n
     model.eval()
-    alignment_angles(model, model, x, y)
+    alignment_angles(model, x, y)
     assert not model.training
     assert all(not getattr(m, "exact", False) for m in model.modules())
 
@@ -576,7 +576,7 @@ def test_cnn_fa_loads_and_freezes_convolutions_from_a_cnn_run(tmp_path: Path) ->
         opt.step()
     assert all(torch.equal(c.weight, w) for c, w in zip(convs, frozen, strict=True))
     assert any(not torch.equal(p, h) for p, h in zip(model.head.parameters(), head, strict=True))
-    assert set(alignment_angles(model, model, x, y)) == {"angle/head.1", "angle/head.3"}
+    assert set(alignment_angles(model, x, y)) == {"angle/head.1", "angle/head.3"}
 
 
 def test_cnn_fa_conv_from_errors_name_the_key(tmp_path: Path) -> None:
@@ -613,8 +613,7 @@ def image_data(n: int = 96, classes: int = 3, seed: int = 0) -> Dataset:
 
 
 def short_schedule(epochs: int = 3) -> Schedule:
-    return Schedule("two_phase", Phase("unsupervised", 1, 16, 0.01),
-                    Phase("supervised", epochs, 16, 0.01))
+    return Schedule("two_phase", UnsupervisedPhase(1, 16, 0.01), SupervisedPhase(epochs, 16, 0.01))
 
 
 @pytest.mark.parametrize("name", ["fa_mlp", "dfa_mlp"])

@@ -11,7 +11,7 @@ from conftest import TINY
 from omegaconf import OmegaConf
 
 from bioexp.config import MODEL_META_KEYS
-from bioexp.engine import Phase, Schedule
+from bioexp.engine import Schedule, UnsupervisedPhase
 from bioexp.errors import ConfigError
 from bioexp.layers import KrotovLayer
 from bioexp.layers.feedback import FALinear
@@ -74,7 +74,7 @@ def test_layer_update_reuses_its_output_as_the_current_exactly() -> None:
 
 
 def test_phase1_learning_rate_is_annealed_linearly() -> None:
-    phase = Phase("unsupervised", 4, 100, 0.04, "linear")
+    phase = UnsupervisedPhase(4, 100, 0.04, "linear")
     assert [phase.lr_at(e) for e in range(4)] == pytest.approx([0.04, 0.03, 0.02, 0.01])
 
 
@@ -129,7 +129,7 @@ def cache_key(make_cfg, *overrides: str, device: str = "cpu") -> str:
     hparams = {k: v for k, v in OmegaConf.to_container(cfg.model).items()
                if k not in MODEL_META_KEYS}
     model = build_model(cfg.model.name, (1, 28, 28), 10, **hparams)
-    cache = phase1_cache(cfg, model, Schedule.from_cfg(cfg.schedule), torch.device(device))
+    cache = phase1_cache(cfg, model, Schedule.from_cfg(cfg), torch.device(device))
     return cache.key
 
 

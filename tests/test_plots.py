@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bioexp import plots
-from bioexp.feedback.alignment import layer_roles, measured_layers
+from bioexp.alignment import layer_roles, measured_layers
 from bioexp.registry import build_model
 
 

@@ -1,13 +1,24 @@
-"""The shape every registered model shares: a body, then a head.
+"""The shape every registered model shares: a body, then a head, and its training step.
 
 The body holds the layers that local rules train (it is the identity for backprop baselines); the
 head is what the optimiser trains. The split lets the engine train local layers without running
 the head, and, once the body is frozen, train the head on features computed once.
+
+The training-step protocol: the engine trains a model one supervised batch at a time by calling
+`model.train_step(x, y, optimizer)`, which updates the model and returns its metrics as 0-d
+tensors on the device (`loss`, the batch mean, required; `correct`, a count, for the training
+accuracy; any other name is averaged over the epoch into metrics.jsonl as `train_<name>`). The
+default step is backprop's (forward, `loss`, backward, one optimiser step), which also serves
+every family whose layers only change the backward pass (FA, sign-symmetry, DFA). A family that
+trains otherwise (a loss per layer, its own plasticity, feedback weights that learn) overrides
+`train_step`; state it keeps between steps belongs in buffers or in `get_extra_state`, so that
+it is checkpointed and resumed with the weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Annotated, Literal, get_args
 
 import torch
@@ -38,9 +49,32 @@ class Classifier(nn.Module):
         super().__init__()
         self.body = body if body is not None else nn.Identity()
         self.head = head
+        self._on_features = False  # set by `on_features`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(x if self._on_features else self.body(x))
+
+    @contextmanager
+    def on_features(self) -> Iterator[None]:
+        """Within the block the model's input is its frozen body's output, which the engine
+        computed once: `forward` (and so `train_step`) runs the head alone."""
+        self._on_features = True
+        try:
+            yield
+        finally:
+            self._on_features = False
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """One supervised batch by backprop: forward, loss, backward, one optimiser step.
+        Returns the batch's mean `loss` and its number of `correct` predictions, on the device
+        (no host sync)."""
+        output = self(x)
+        loss = self.loss(output, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach(), "correct": (self.predict(output.detach()) == y).sum()}
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch; cross-entropy on logits unless a head says otherwise."""

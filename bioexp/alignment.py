@@ -34,12 +34,10 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(cos.item()))
 
 
-def alignment_angles(model: nn.Module, forward: nn.Module, x: torch.Tensor,
-                     y: torch.Tensor) -> dict[str, float]:
+def alignment_angles(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """{"angle/<layer name>": degrees} for every measured layer; {} for other models.
 
-    `forward` is the callable that maps x to the model's output (the model itself, or its head
-    when the body's features were precomputed); `model.loss` scores it.
+    `model.loss` scores `model(x)` (x is the body's features while the model is `on_features`).
     """
     layers = measured_layers(model)
     if not layers:
@@ -49,9 +47,9 @@ def alignment_angles(model: nn.Module, forward: nn.Module, x: torch.Tensor,
     model.eval()
     try:
         with torch.enable_grad():
-            rule = torch.autograd.grad(model.loss(forward(x), y), weights)
+            rule = torch.autograd.grad(model.loss(model(x), y), weights)
             with exact_backprop(model):
-                exact = torch.autograd.grad(model.loss(forward(x), y), weights)
+                exact = torch.autograd.grad(model.loss(model(x), y), weights)
     finally:
         model.train(was_training)
     return {f"angle/{name}": angle_degrees(g, e)

@@ -1,0 +1,31 @@
+"""The schedule engine: `fit(model, data, schedule, recorder, ...)` and what it is made of.
+
+- `schedule.py`: the two phases and their learning-rate schedules (optimiser and scheduler
+  from the Hydra config groups `optimizer` and `lr_schedule`);
+- `loops.py`: one unsupervised epoch, one supervised epoch (the model's own training step),
+  evaluation, and divergence;
+- `local.py`: local-rule layers: finding them, letting them learn, checking them;
+- `state.py`: where a fit stands and what its checkpoint holds;
+- `fit.py`: the schedule's phases, written out.
+"""
+
+from bioexp.engine.fit import ALIGNMENT_BATCH, fit, plural
+from bioexp.engine.local import local_layers, local_learning
+from bioexp.engine.loops import (
+    DIVERGENCE_FACTOR,
+    Diverged,
+    evaluate,
+    frozen_body,
+    precompute,
+    supervised_epoch,
+    unsupervised_epoch,
+)
+from bioexp.engine.schedule import Schedule, SupervisedPhase, UnsupervisedPhase
+from bioexp.engine.state import FitResult, Interrupted, Position
+
+__all__ = [
+    "ALIGNMENT_BATCH", "DIVERGENCE_FACTOR", "Diverged", "FitResult", "Interrupted", "Position",
+    "Schedule", "SupervisedPhase", "UnsupervisedPhase", "evaluate", "fit", "frozen_body",
+    "local_layers", "local_learning", "plural", "precompute", "supervised_epoch",
+    "unsupervised_epoch",
+]

@@ -1,0 +1,308 @@
+"""`fit`: a schedule's phases, written out.
+
+Phase 1 (`two_phase` only, for models with local-rule layers) lets the local rules learn
+without labels for `schedule.unsupervised.epochs`, or loads their result from the phase-1 cache.
+Phase 2 trains every parameter that requires grad with the model's own training step and the
+configured optimiser and learning-rate schedule; when the body is frozen and deterministic, its
+features are computed once and the head trains on them. In `one_phase` the local layers learn
+on every forward pass of phase 2. After each supervised epoch a metrics row records the losses
+and accuracies, and models with feedback layers their alignment angles.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bioexp.alignment import alignment_angles
+from bioexp.cache import Phase1Cache
+from bioexp.data import Dataset, Split
+from bioexp.engine.local import (
+    broken_local_layers,
+    grown_local_layers,
+    local_layers,
+    local_learning,
+    warn_unconverged,
+    weight_norms,
+)
+from bioexp.engine.loops import (
+    DIVERGENCE_FACTOR,
+    NONFINITE,
+    Diverged,
+    evaluate,
+    frozen_body,
+    precompute,
+    supervised_epoch,
+    unsupervised_epoch,
+)
+from bioexp.engine.schedule import Schedule
+from bioexp.engine.state import FitResult, FitState, Position
+from bioexp.records import RunRecorder
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT_BATCH = 512  # training images on which alignment angles and the untrained loss are met
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """`1 epoch`, `2 epochs`; `nouns` for irregular plurals (`batch`, `batches`)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {nouns or noun + 's'}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one `fit` call trains, on what, and how it reports."""
+
+    model: nn.Module
+    data: Dataset
+    schedule: Schedule
+    recorder: RunRecorder
+    eval_batch_size: int = 1000
+    progress: bool = False
+
+
+def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecorder, *,
+        seed: int, eval_batch_size: int = 1000, progress: bool = False,
+        checkpoint=None, checkpoint_every_s: float = 0.0, stop=None, resume: dict | None = None,
+        phase1_cache: Phase1Cache | None = None) -> FitResult:
+    """Run `schedule` on `model`, logging one metrics row per epoch; return the result.
+
+    `checkpoint(state)` receives the training state (see `FitState`) after every epoch, every
+    `checkpoint_every_s` seconds at a batch boundary (0: never mid-epoch), and when `stop()`
+    turns true, after which Interrupted is raised. `resume=state` continues from such a state
+    (the model's weights must already be loaded) to the same result as an uninterrupted run.
+    Raises Diverged when a loss or weight stops being finite or the loss explodes, naming the
+    local-rule layers to blame, if any; rows written so far stay on disk.
+    """
+    job = Job(model, data, schedule, recorder, eval_batch_size, progress)
+    state = FitState(recorder, seed, data.train.x.device, checkpoint, checkpoint_every_s, stop)
+    if resume is not None:
+        state.restore(resume)
+        log.info("resuming: %s phase, epoch %d, after %s of it", state.pos.phase,
+                 state.pos.epoch + 1, plural(state.pos.batch, "batch", "batches"))
+    try:
+        if has_phase1(job) and state.pos.phase == "unsupervised":
+            phase1(job, state, phase1_cache)
+        elif schedule.name == "two_phase" and not local_layers(model):
+            log.info("phase 1 (unsupervised) skipped: the model has no local-rule layers")
+        phase2(job, state)
+    except Diverged as exc:
+        if not local_layers(model) or exc.reason != NONFINITE:
+            raise
+        broken = broken_local_layers(model, data.train.x[:ALIGNMENT_BATCH])
+        raise Diverged(exc.phase, exc.epoch, exc.step, broken) from None
+    return state.result
+
+
+def has_phase1(job: Job) -> bool:
+    return (job.schedule.name == "two_phase" and job.schedule.unsupervised.epochs > 0
+            and bool(local_layers(job.model)))
+
+
+def phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
+    """The local rules learn without labels; the body is then saved to (or came from) the
+    phase-1 cache."""
+    model, unsup, train = job.model, job.schedule.unsupervised, job.data.train
+    locals_ = local_layers(model)
+    n_batches = math.ceil(len(train) / unsup.batch_size)
+    if state.pos == Position() and cache is not None and cache.load(model.body):
+        log.info("phase 1 (unsupervised): loaded from the cache (%s)", cache.path)
+        state.result.phase1_cache_hit = True
+        state.result.phases.append({"name": unsup.name, "epochs": unsup.epochs, "cached": True})
+        state.pos = Position("supervised", 0, 0, unsup.epochs * n_batches)  # as if it ran
+        warn_unconverged(locals_)
+        return
+    log.info("phase 1 (unsupervised): %s, %s", plural(unsup.epochs, "epoch"),
+             plural(len(locals_), "local layer"))
+    state.begin_phase("unsupervised")
+    generator = state.generators["unsupervised"]
+    for epoch in range(state.pos.epoch, unsup.epochs):
+        state.start_epoch(generator)
+        t0, skip = time.perf_counter(), state.pos.batch
+        unsupervised_epoch(getattr(model, "body", model), train, unsup, epoch, generator,
+                           job.progress, skip, state.after_batch)
+        seconds = time.perf_counter() - t0
+        step = state.pos.step + n_batches
+        stats = {f"{type(layer).__name__}{i}.{k}": v
+                 for i, layer in enumerate(locals_) for k, v in layer.local_stats().items()}
+        job.recorder.log_metrics({
+            "phase": "unsupervised", "epoch": epoch + 1, "step": step,
+            "lr": unsup.lr_at(epoch), "epoch_time_s": round(seconds, 4),
+            "samples_per_s": round(len(train) * (n_batches - skip) / n_batches / seconds, 1),
+            "elapsed_s": round(state.elapsed(), 3), **stats})
+        log.info("unsupervised epoch %d/%d: %.1fs", epoch + 1, unsup.epochs, seconds)
+        state.boundary(Position("unsupervised", epoch + 1, 0, step),
+                       last=epoch + 1 == unsup.epochs)
+    state.record_phase(unsup.name, unsup.epochs, len(train) * unsup.epochs)
+    warn_unconverged(locals_)
+    if cache is not None:
+        cache.save(model.body)
+        state.result.phase1_cache_hit = False
+    state.begin_phase("supervised")  # phase 2's clock starts at 0 in this checkpoint
+    state.boundary(state.pos)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """What phase 2 trains and evaluates on: images, or a frozen body's features."""
+
+    train: Split
+    test: Split
+    val: Split | None
+
+
+def phase2_inputs(job: Job) -> tuple[Splits, nn.Module | None]:
+    """The splits phase 2 sees, and the frozen body whose features they are (None: images)."""
+    data, model = job.data, job.model
+    learns = job.schedule.name == "one_phase" and local_layers(model)
+    body = None if learns else frozen_body(model)
+    if body is None:
+        return Splits(data.train, data.test, data.val), None
+    log.info("body is frozen: computing its features once for the supervised phase")
+    batch = job.eval_batch_size
+    val = precompute(body, data.val, batch) if data.val is not None else None
+    return Splits(precompute(body, data.train, batch), precompute(body, data.test, batch),
+                  val), body
+
+
+def phase2(job: Job, state: FitState) -> None:
+    """Phase 2 (or the only phase): the model's training step with the optimiser trains every
+    parameter that requires grad. Its cost includes computing a frozen body's features."""
+    model, sup = job.model, job.schedule.supervised
+    if state.pos.phase == "supervised" and state.pos.epoch >= sup.epochs > 0:
+        return  # resumed from the final checkpoint: the phase is done and recorded
+    state.begin_phase("supervised")
+    splits, body = phase2_inputs(job)
+    with model.on_features() if body is not None else nullcontext():
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params or sup.epochs == 0:
+            untrained(job, state, splits, has_params=bool(params), body=body)
+            return
+        optimizer, scheduler = make_optimizer(state, sup, params)
+        probe = Split(splits.train.x[:ALIGNMENT_BATCH], splits.train.y[:ALIGNMENT_BATCH])
+        if state.pos.epoch == 0 and state.pos.batch == 0:
+            first_row(job, state, probe)
+        local = local_layers(model) if job.schedule.name == "one_phase" else []
+        if local:
+            log.info("one phase: %s learn during the supervised epochs",
+                     plural(len(local), "local layer"))
+        for epoch in range(state.pos.epoch, sup.epochs):
+            supervised_phase_epoch(job, state, splits, probe, epoch, local)
+            with warnings.catch_warnings():  # a family may update without optimizer.step()
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                scheduler.step()
+            state.boundary(Position("supervised", epoch + 1, 0, state.pos.step +
+                                    math.ceil(len(splits.train) / sup.batch_size)),
+                           last=epoch + 1 == sup.epochs)
+    state.record_phase(sup.name, sup.epochs, len(splits.train) * sup.epochs)
+    state.save()  # the final state: resuming it trains nothing more
+
+
+def make_optimizer(state: FitState, sup, params: list[nn.Parameter]
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The phase's optimiser and learning-rate schedule (constant when none is configured),
+    with their state when resuming; gradient clipping, when asked for, runs before every
+    optimiser step, whoever calls it."""
+    optimizer = sup.optimizer(params, lr=sup.lr)
+    if sup.grad_clip > 0:
+        optimizer.register_step_pre_hook(
+            lambda *_: nn.utils.clip_grad_norm_(params, sup.grad_clip))
+    scheduler = (sup.lr_schedule(optimizer) if sup.lr_schedule is not None
+                 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0))
+    if state.saved_optimizer is not None:
+        optimizer.load_state_dict(state.saved_optimizer)
+    if state.saved_scheduler is not None:
+        scheduler.load_state_dict(state.saved_scheduler)
+    state.optimizer, state.scheduler = optimizer, scheduler
+    return optimizer, scheduler
+
+
+def first_row(job: Job, state: FitState, probe: Split) -> None:
+    """Before the first step: the untrained model's loss on the probe sets the divergence
+    limit, and models with feedback layers log their starting angles (epoch 0)."""
+    model = job.model
+    untrained_loss, _ = evaluate(model, probe, ALIGNMENT_BATCH)
+    state.result.loss_limit = DIVERGENCE_FACTOR * max(untrained_loss, 1.0)
+    angles = alignment_angles(model, probe.x, probe.y)
+    if angles:  # the curve's starting point: before any update, about 90 degrees
+        job.recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": state.pos.step,
+                                  **angles})
+
+
+def untrained(job: Job, state: FitState, splits: Splits, has_params: bool,
+              body: nn.Module | None) -> None:
+    """Phase 2 with nothing to train (no parameters, or no epochs): one evaluation row."""
+    if has_params:
+        log.warning("schedule.supervised.epochs=0: nothing trains the %s; the accuracy is that "
+                    "of the untrained one", "head" if body is not None else "model")
+    else:
+        log.info("supervised phase skipped: no trainable parameters")
+    test_loss, test_acc = evaluate(job.model, splits.test, job.eval_batch_size)
+    job.recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": state.pos.step,
+                              "test_loss": test_loss, "test_acc": test_acc,
+                              "elapsed_s": round(state.elapsed(), 3)})
+    state.result.test_acc = state.result.best_test_acc = test_acc
+
+
+def supervised_phase_epoch(job: Job, state: FitState, splits: Splits, probe: Split,
+                           epoch: int, local: list[nn.Module]) -> None:
+    """One supervised epoch and its metrics row; in one phase the local layers learn too, at
+    their own rate annealed over the supervised epochs."""
+    model, sup, unsup = job.model, job.schedule.supervised, job.schedule.unsupervised
+    generator = state.generators["supervised"]
+    state.start_epoch(generator)
+    t0, skip = time.perf_counter(), state.pos.batch
+    lr = state.optimizer.param_groups[0]["lr"]
+    rate = unsup.lr_at(epoch, sup.epochs)
+    norms = weight_norms(local) if local else None
+    try:
+        with local_learning(model, lambda: rate) if local else nullcontext():
+            train = supervised_epoch(model, state.optimizer, splits.train, sup, epoch,
+                                     generator, job.progress, first_step=state.pos.step,
+                                     partial=state.partial, after_batch=state.after_batch,
+                                     loss_limit=state.result.loss_limit)
+    except Diverged as exc:
+        grown = grown_local_layers(model, norms, DIVERGENCE_FACTOR) if norms else []
+        if exc.reason == NONFINITE or not grown:
+            raise
+        raise Diverged(exc.phase, exc.epoch, exc.step, grown, exc.reason,
+                       f"grew over {DIVERGENCE_FACTOR:g}-fold in this epoch") from None
+    state.partial = None
+    log_epoch(job, state, splits, probe, epoch, train, lr, time.perf_counter() - t0, skip)
+
+
+def log_epoch(job: Job, state: FitState, splits: Splits, probe: Split, epoch: int,
+              train: dict, lr: float, seconds: float, skip: int) -> None:
+    """The epoch's metrics row (validation, test, alignment, costs), the best accuracy so far,
+    and a log line; Diverged when the last step left the weights non-finite."""
+    model, sup, result, batch = job.model, job.schedule.supervised, state.result, \
+        job.eval_batch_size
+    n_batches = math.ceil(len(splits.train) / sup.batch_size)
+    step = state.pos.step + n_batches
+    row = {"phase": "supervised", "epoch": epoch + 1, "step": step, "lr": lr, **train}
+    if splits.val is not None:
+        row["val_loss"], row["val_acc"] = evaluate(model, splits.val, batch)
+    row["test_loss"], row["test_acc"] = evaluate(model, splits.test, batch)
+    row.update(alignment_angles(model, probe.x, probe.y))
+    row.update(epoch_time_s=round(seconds, 4),
+               samples_per_s=round(len(splits.train) * (n_batches - skip) / n_batches / seconds,
+                                   1),
+               elapsed_s=round(state.elapsed(), 3))
+    job.recorder.log_metrics(row)
+    if not all(math.isfinite(row[k]) for k in ("val_loss", "test_loss") if k in row):
+        # The last step of the epoch made the weights non-finite; no training loss saw it.
+        raise Diverged(sup.name, epoch + 1, step)
+    if result.best_test_acc is None or row["test_acc"] > result.best_test_acc:
+        result.best_test_acc, result.best_epoch = row["test_acc"], epoch + 1
+    result.test_acc, result.val_acc = row["test_acc"], row.get("val_acc")
+    log.info("epoch %d/%d: train loss %.4f acc %s | test loss %.4f acc %.4f | %.1fs",
+             epoch + 1, sup.epochs, row["train_loss"],
+             "n/a" if row["train_acc"] is None else f"{row['train_acc']:.4f}",
+             row["test_loss"], row["test_acc"], seconds)

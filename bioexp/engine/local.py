@@ -1,0 +1,92 @@
+"""The engine's side of local-rule layers: finding them, letting them learn, and checking them.
+
+Local layers are found by `isinstance(module, LocalLayer)`. While `local_learning` is active,
+each applies its rule after every forward pass, under `torch.no_grad()`, to the input it saw
+and the output it gave, so no layer runs twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from bioexp.layers import LocalLayer
+
+log = logging.getLogger(__name__)
+
+
+def local_layers(model: nn.Module) -> list[LocalLayer]:
+    return [m for m in model.modules() if isinstance(m, LocalLayer)]
+
+
+@contextmanager
+def local_learning(model: nn.Module, lr: Callable[[], float]) -> Iterator[None]:
+    """While active, every local layer of `model` applies its rule after each forward call, at
+    the rate `lr()`."""
+
+    def update(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        with torch.no_grad():
+            layer.local_update(args[0].detach(), output.detach(), lr())
+
+    handles = [layer.register_forward_hook(update) for layer in local_layers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def warn_unconverged(layers: Sequence[LocalLayer]) -> None:
+    """Log, once per layer, when phase 1 left a layer far from where its rule converges."""
+    for layer in layers:
+        warning = layer.unconverged()
+        if warning:
+            log.warning("%s", warning)
+
+
+def holds_nonfinite(module: nn.Module) -> bool:
+    """Whether any tensor of the module's state (weights, buffers) has a NaN or infinity."""
+    return not all(torch.isfinite(t).all() for t in module.state_dict().values())
+
+
+def _names(model: nn.Module) -> dict[nn.Module, str]:
+    """Local layer -> its name in `model.named_modules()`."""
+    return {module: name for name, module in model.named_modules()
+            if isinstance(module, LocalLayer)}
+
+
+def weight_norms(layers: Sequence[LocalLayer]) -> list[float]:
+    return [layer.weight.norm().item() for layer in layers]
+
+
+def grown_local_layers(model: nn.Module, before: Sequence[float], factor: float) -> list[str]:
+    """Names of local layers whose weights grew more than `factor`-fold since their norms were
+    `before` (an exploding loss in a phase where they learn is then theirs)."""
+    names = _names(model)
+    return [names[layer] for layer, now, then in zip(names, weight_norms(list(names)), before,
+                                                     strict=True)
+            if now > factor * then]
+
+
+def broken_local_layers(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of local layers whose weights, or whose output for the batch `x`, hold a NaN or
+    infinite value."""
+    names = _names(model)
+    broken: list[str] = []
+
+    def check(layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if holds_nonfinite(layer) or not torch.isfinite(output).all():
+            broken.append(names[layer])
+
+    handles = [layer.register_forward_hook(check) for layer in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return broken
