@@ -42,7 +42,7 @@ from bioexp.engine.loops import (
     supervised_epoch,
     unsupervised_epoch,
 )
-from bioexp.engine.schedule import Schedule
+from bioexp.engine.schedule import Schedule, SupervisedPhase
 from bioexp.engine.state import FitResult, FitState, Position
 from bioexp.records import RunRecorder
 
@@ -185,7 +185,7 @@ def phase2(job: Job, state: FitState) -> None:
         if not params or sup.epochs == 0:
             untrained(job, state, splits, has_params=bool(params), body=body)
             return
-        optimizer, scheduler = make_optimizer(state, sup, params)
+        _, scheduler = make_optimizer(state, sup, params)
         probe = Split(splits.train.x[:ALIGNMENT_BATCH], splits.train.y[:ALIGNMENT_BATCH])
         if state.pos.epoch == 0 and state.pos.batch == 0:
             first_row(job, state, probe)
@@ -205,7 +205,7 @@ def phase2(job: Job, state: FitState) -> None:
     state.save()  # the final state: resuming it trains nothing more
 
 
-def make_optimizer(state: FitState, sup, params: list[nn.Parameter]
+def make_optimizer(state: FitState, sup: SupervisedPhase, params: list[nn.Parameter]
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The phase's optimiser and learning-rate schedule (constant when none is configured),
     with their state when resuming; gradient clipping, when asked for, runs before every
