@@ -124,7 +124,7 @@ def list_model(name: str) -> None:
     from bioexp.config import model_options
     from bioexp.registry import get_model_entry
 
-    rows, schedule = model_options(name)
+    rows, others = model_options(name)
     entry = get_model_entry(name)
     kinds = entry.kinds()
     print(f"model {name}: {entry.description}")
@@ -133,9 +133,9 @@ def list_model(name: str) -> None:
     table = [(key, default, kinds.get(key, "") if key != "input_scale" else "one of unit, "
               "symmetric", meaning) for key, default, meaning in rows]
     print("\n".join(_table("hyperparameters", [header, *table])))
-    if schedule:
-        print("\n".join(["", *_table("schedule defaults this model sets",
-                                      [(k, str(v), "") for k, v in schedule.items()])]))
+    if others:
+        print("\n".join(["", *_table("other defaults this model's config sets",
+                                      [(k, str(v), "") for k, v in others.items()])]))
 
 
 def list_command(args: Sequence[str]) -> None:

@@ -78,8 +78,8 @@ _SETTING = re.compile(r"^(?P<indent>\s*)(?P<key>\w+):(?P<value>[^#]*)(#\s*(?P<no
 
 def model_options(name: str) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
     """The hyperparameters `conf/model/<name>.yaml` sets, as (key, default, meaning), and the
-    schedule settings the file sets for that model (dotted keys). ConfigError for an unknown
-    model."""
+    other settings the file makes for that model: config groups it chooses (`optimizer: sgd`)
+    and dotted keys (`schedule.supervised.lr`). ConfigError for an unknown model."""
     path = config_dir() / "model" / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(p.stem for p in sorted(path.parent.glob("*.yaml")))
@@ -95,9 +95,14 @@ def model_options(name: str) -> tuple[list[tuple[str, str, str]], dict[str, Any]
             notes.setdefault(match["key"], match["note"].strip())
     rows = [(key, _value_text(model[key]), notes.get(key) or COMMON_MEANINGS.get(key, ""))
             for key in model if key != "name"]
-    schedule = node.get("schedule") if nested else None
-    settings = flatten(OmegaConf.to_container(schedule), "schedule") if schedule is not None else {}
-    return rows, settings
+    if not nested:
+        return rows, {}
+    groups = {entry.split("/")[-1]: choice  # `- override /optimizer: sgd` -> optimizer: sgd
+              for item in node.get("defaults", []) if isinstance(item, DictConfig)
+              for entry, choice in item.items()}
+    others = {k: v for k, v in OmegaConf.to_container(node).items()
+              if k not in ("model", "defaults")}
+    return rows, {**groups, **flatten(others)}
 
 
 def _value_text(value: Any) -> str:

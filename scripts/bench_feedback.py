@@ -3,8 +3,9 @@
     python scripts/bench_feedback.py [--device cpu|cuda] [--repeats 7]
 
 A step is forward, backward (input and weight gradients) and an SGD update. For each shape it
-prints the median time of nn.Linear / FALinear / SignLinear (and nn.Conv2d / FAConv2d) and the
-ratio to the plain layer (the FA issue's target for FALinear: at most 1.15x).
+prints the median time of nn.Linear / FALinear / SignLinear / KPLinear (and nn.Conv2d / FAConv2d
+/ KPConv2d) and the ratio to the plain layer (the FA issue's target for FALinear: at most
+1.15x). KP's step also updates B, with W's gradient.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from timing import device_label, interleaved_medians
 from torch import nn
 
-from bioexp.layers.feedback import FAConv2d, FALinear, SignLinear
+from bioexp.layers.feedback import FAConv2d, FALinear, KPConv2d, KPLinear, SignLinear
 
 LINEAR_SHAPES = [(128, 784, 512), (128, 512, 256), (1024, 784, 2000)]  # (batch, in, out)
 CONV_SHAPES = [(128, 16, 32, 14)]  # (batch, in channels, out channels, image size)
@@ -54,7 +55,7 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randn(batch, n_in, device=device, requires_grad=True)
         layers = {"nn.Linear": nn.Linear(n_in, n_out), "FALinear": FALinear(n_in, n_out),
-                  "SignLinear": SignLinear(n_in, n_out)}
+                  "SignLinear": SignLinear(n_in, n_out), "KPLinear": KPLinear(n_in, n_out)}
         fns = {k: step_fn(v.to(device), x) for k, v in layers.items()}
         report(f"linear, batch {batch}, {n_in} -> {n_out}",
                interleaved_medians(fns, device, opts.repeats, opts.inner, warmup=3))
@@ -62,7 +63,8 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randn(batch, c_in, size, size, device=device, requires_grad=True)
         layers = {"nn.Conv2d": nn.Conv2d(c_in, c_out, 5, padding=2),
-                  "FAConv2d": FAConv2d(c_in, c_out, 5, padding=2)}
+                  "FAConv2d": FAConv2d(c_in, c_out, 5, padding=2),
+                  "KPConv2d": KPConv2d(c_in, c_out, 5, padding=2)}
         fns = {k: step_fn(v.to(device), x) for k, v in layers.items()}
         report(f"conv 5x5, batch {batch}, {c_in} -> {c_out} channels, {size}x{size}",
                interleaved_medians(fns, device, opts.repeats, max(1, opts.inner // 4), warmup=3))

@@ -13,13 +13,15 @@ from torch import nn
 
 from bioexp.alignment import alignment_angles, angle_degrees, measured_layers
 from bioexp.data import Dataset, Split
-from bioexp.engine import Schedule, SupervisedPhase, UnsupervisedPhase, fit
+from bioexp.engine import Interrupted, Schedule, SupervisedPhase, UnsupervisedPhase, fit
 from bioexp.errors import ConfigError
 from bioexp.feedback.functions import conv2d_feedback, linear_feedback
 from bioexp.layers.feedback import (
     DFAOutput,
     FAConv2d,
     FALinear,
+    KPConv2d,
+    KPLinear,
     SignConv2d,
     SignLinear,
     exact_backprop,
@@ -29,9 +31,11 @@ from bioexp.registry import build_model
 from bioexp.train import run
 
 F64 = torch.float64
-NEW_MODELS = ("fa_mlp", "sign_mlp", "dfa_mlp", "fa_cnn", "cnn_fa")
+NEW_MODELS = ("fa_mlp", "sign_mlp", "dfa_mlp", "kp_mlp", "fa_cnn", "kp_cnn", "cnn_fa")
 SMALL = {"fa_mlp": {"hidden": [6, 5]}, "sign_mlp": {"hidden": [6, 5]},
-         "dfa_mlp": {"hidden": [6, 5]}, "fa_cnn": {"channels": [4, 8], "hidden": [16]},
+         "dfa_mlp": {"hidden": [6, 5]}, "kp_mlp": {"hidden": [6, 5]},
+         "fa_cnn": {"channels": [4, 8], "hidden": [16]},
+         "kp_cnn": {"channels": [4, 8], "hidden": [16]},
          "cnn_fa": {"channels": [2, 3], "hidden": [6]}}
 
 
@@ -660,3 +664,91 @@ def test_train_run_draws_alignment_plot_only_for_feedback_models(tmp_path: Path,
     assert bp["status"] == "completed"
     assert (tmp_path / "bp" / "plots" / "curves.png").exists()
     assert not (tmp_path / "bp" / "plots" / "alignment.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Kolen-Pollack: B learns, receiving W's update
+
+
+@pytest.mark.parametrize("make", [lambda: KPLinear(3, 2), lambda: KPConv2d(2, 3, 3, padding=1)],
+                         ids=["linear", "conv"])
+def test_kp_b_gets_w_gradient_and_the_same_sgd_step_shrinks_their_difference(make) -> None:
+    """By hand on tiny tensors: dB = dW, so SGD with weight decay lambda at rate eta gives
+    W - B exactly (1 - eta lambda) times what it was (Akrout et al. 2019, eq. for KP)."""
+    torch.manual_seed(0)
+    layer = make().double()
+    assert "feedback_weight" in dict(layer.named_parameters())
+    x = rand(4, 3, grad=False, seed=2) if isinstance(layer, nn.Linear) else \
+        rand(4, 2, 5, 5, grad=False, seed=2)
+    layer(x).square().sum().backward()
+    assert torch.equal(layer.feedback_weight.grad, layer.weight.grad)
+    difference = (layer.weight - layer.feedback_weight).detach().clone()
+    torch.optim.SGD(layer.parameters(), lr=0.1, weight_decay=0.5).step()
+    close(layer.weight - layer.feedback_weight, difference * (1 - 0.1 * 0.5))
+
+
+def test_kp_exact_backprop_does_not_count_the_weight_twice() -> None:
+    torch.manual_seed(0)
+    layer, plain = KPLinear(5, 4).double(), nn.Linear(5, 4).double()
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+        plain.bias.copy_(layer.bias)
+    x = rand(3, 5, grad=False, seed=1)
+    with exact_backprop(layer):
+        layer(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    close(layer.weight.grad, plain.weight.grad)
+    assert layer.feedback_weight.grad is None
+
+
+def test_kp_mlp_aligns_b_with_w_under_weight_decay(tmp_path: Path) -> None:
+    """Through the engine, with SGD at rate 0.05 and decay 0.1: W - B shrinks by exactly
+    (1 - 0.005) per step, 180 steps, and the hidden layers' updates turn towards backprop's."""
+    torch.manual_seed(0)
+    model = build_model("kp_mlp", (1, 8, 8), 3, hidden=[16, 12])
+    schedule = Schedule("two_phase", UnsupervisedPhase(0, 16, 0.01), SupervisedPhase(
+        30, 16, 0.05, optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, weight_decay=0.1)))
+    first = [(m.weight - m.feedback_weight).norm().item() for m in linears(model)]
+    recorder = RunRecorder(tmp_path)
+    fit(model, image_data(), schedule, recorder, seed=0)  # 96 images at batch 16: 6 steps
+    last = [(m.weight - m.feedback_weight).norm().item() for m in linears(model)]
+    for a, b in zip(first, last, strict=True):
+        assert b / a == pytest.approx((1 - 0.05 * 0.1) ** 180, rel=1e-4)
+    rows = [r for r in recorder.rows if r["phase"] == "supervised"]
+    for key in ("angle/head.1", "angle/head.3"):
+        assert rows[-1][key] < rows[0][key] - 30, (key, rows[0][key], rows[-1][key])
+
+
+def test_kp_mlp_resumes_exactly(tmp_path: Path) -> None:
+    """Stopped in its second epoch and resumed from the checkpoint, with B in the optimiser's
+    state, it ends with the weights and metrics of an uninterrupted run."""
+    def schedule() -> Schedule:
+        return Schedule("two_phase", UnsupervisedPhase(0, 16, 0.01), SupervisedPhase(
+            3, 16, 0.05, optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9,
+                                                                 weight_decay=0.01)))
+
+    def kp() -> nn.Module:
+        torch.manual_seed(0)
+        return build_model("kp_mlp", (1, 8, 8), 3, hidden=[16, 12])
+
+    whole = kp()
+    fit(whole, image_data(), schedule(), RunRecorder(tmp_path / "whole"), seed=0)
+    part, saved, calls = kp(), {}, iter(range(10_000))
+
+    def checkpoint(state: dict) -> None:
+        saved.update(state=state, model={k: v.clone() for k, v in part.state_dict().items()})
+
+    recorder = RunRecorder(tmp_path / "part")
+    with pytest.raises(Interrupted):
+        fit(part, image_data(), schedule(), recorder, seed=0, checkpoint=checkpoint,
+            stop=lambda: next(calls) == 9)  # 6 batches an epoch: mid-way through the second
+    assert saved["state"]["position"]["epoch"] == 1 and saved["state"]["position"]["batch"] > 0
+    resumed = kp()
+    resumed.load_state_dict(saved["model"])
+    fit(resumed, image_data(), schedule(), recorder, seed=0, resume=saved["state"])
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
+                                                 resumed.state_dict().values(), strict=True))
+    strip = ("epoch_time_s", "samples_per_s", "elapsed_s")
+    rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_metrics(p)]
+            for p in (tmp_path / "whole" / "metrics.jsonl", tmp_path / "part" / "metrics.jsonl")]
+    assert rows[0] == rows[1]

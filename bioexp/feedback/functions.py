@@ -5,6 +5,11 @@ layer; the backward pass computes the input gradient with B in place of W (Lilli
 "Random synaptic feedback weights support error backpropagation for deep learning", Nature
 Communications 7:13276), and the weight and bias gradients exactly as backprop does. With B = W
 both are backprop.
+
+When B itself requires grad, its gradient is W's: that is Kolen-Pollack learning (Kolen & Pollack
+1994; Akrout et al. 2019, "Deep learning without weight transport", NeurIPS), in which the
+optimiser gives B the same update as W, weight decay included, so B comes to equal W without
+ever reading it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from torch.nn.modules.utils import _pair
 
 
 class LinearFeedback(torch.autograd.Function):
-    """y = x W^T + b; backward: dx = dy B, dW = dy^T x, db = sum(dy)."""
+    """y = x W^T + b; backward: dx = dy B, dW = dy^T x, db = sum(dy), and dB = dW."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -28,13 +33,14 @@ class LinearFeedback(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, feedback = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        needs = ctx.needs_input_grad
+        if needs[0]:
             grad_x = grad_out @ feedback  # (..., out) @ (out, in) -> (..., in)
-        if ctx.needs_input_grad[1]:
+        if needs[1] or needs[3]:
             grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and needs[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w if needs[1] else None, grad_b, grad_w if needs[3] else None
 
 
 class Conv2dFeedback(torch.autograd.Function):
@@ -53,14 +59,15 @@ class Conv2dFeedback(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, feedback = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.bias_shape is not None and ctx.needs_input_grad[2]]
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1] or needs[3], ctx.bias_shape is not None and needs[2]]
         # convolution_backward takes the input gradient from the `weight` it is given (B here)
         # and the weight gradient from the input, so one call computes both.
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, x, feedback, ctx.bias_shape, stride, padding, dilation, False, [0, 0],
             groups, mask)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return (grad_x, grad_w if needs[1] else None, grad_b, grad_w if needs[3] else None,
+                None, None, None, None)
 
 
 def linear_feedback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,13 +1,16 @@
-"""Layers whose backward pass departs from backprop: FA, sign-symmetry and DFA.
+"""Layers whose backward pass departs from backprop: FA, sign-symmetry, Kolen-Pollack and DFA.
 
 One class per variant; each overrides one small method (`init_feedback` and `feedback`).
-Feedback matrices are buffers: they follow `.to(device)`, are saved in `state_dict`, and the
-optimiser never sees them. `exact_backprop(model)` switches every such layer back to plain
-backprop for a while; the alignment angle compares the two updates that way.
+Fixed feedback matrices are buffers: they follow `.to(device)`, are saved in `state_dict`, and
+the optimiser never sees them; Kolen-Pollack's B is a parameter, which the optimiser updates.
+`exact_backprop(model)` switches every such layer back to plain backprop for a while; the
+alignment angle compares the two updates that way.
 
 - FA, Lillicrap et al. 2016 (Nature Communications 7:13276): B fixed and random.
 - Sign-symmetry, Liao, Leibo & Poggio 2016 ("How important is weight symmetry in
   backpropagation?", AAAI; "uSF"): B = sign(W) times a scale, refreshed from W at every step.
+- Kolen-Pollack, Akrout et al. 2019 ("Deep learning without weight transport", NeurIPS): B
+  starts random and learns, receiving W's update, so it comes to equal W.
 - DFA, Nøkland 2016 ("Direct feedback alignment provides learning in deep neural networks",
   NeurIPS): the output error reaches each hidden layer through its own fixed random matrix.
 """
@@ -76,6 +79,21 @@ class SignFeedback(FeedbackLayer):
         return b
 
 
+class KolenPollackFeedback(FeedbackLayer):
+    """B learns: a parameter whose gradient is W's, so the optimiser gives it W's update, weight
+    decay included, and W - B shrinks by the decay at every step (Kolen & Pollack 1994; Akrout
+    et al. 2019, "Deep learning without weight transport", NeurIPS). It starts random, as FA's."""
+
+    def init_feedback(self, init: str, scale_to_weight: bool) -> None:
+        b = random_matrix(self.weight.shape, init)
+        if scale_to_weight:
+            b.mul_(self.weight.detach().norm() / b.norm())
+        self.feedback_weight = nn.Parameter(b)
+
+    def feedback(self) -> torch.Tensor:
+        return self.feedback_weight
+
+
 class _FeedbackLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  init: str = "kaiming", scale_to_weight: bool = False):
@@ -83,7 +101,7 @@ class _FeedbackLinear(nn.Linear):
         self.init_feedback(init, scale_to_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.weight if self.exact else self.feedback()
+        b = self.weight.detach() if self.exact else self.feedback()  # exact: backprop
         return linear_feedback(x, self.weight, self.bias, b)
 
 
@@ -96,7 +114,7 @@ class _FeedbackConv2d(nn.Conv2d):
         self.init_feedback(init, scale_to_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.weight if self.exact else self.feedback()
+        b = self.weight.detach() if self.exact else self.feedback()  # exact: backprop
         return conv2d_feedback(x, self.weight, self.bias, b, self.stride, self.padding,
                                self.dilation, self.groups)
 
@@ -115,6 +133,14 @@ class SignLinear(SignFeedback, _FeedbackLinear):
 
 class SignConv2d(SignFeedback, _FeedbackConv2d):
     """2-D convolution trained with sign-symmetric feedback."""
+
+
+class KPLinear(KolenPollackFeedback, _FeedbackLinear):
+    """Linear layer trained by Kolen-Pollack learning (B gets W's update)."""
+
+
+class KPConv2d(KolenPollackFeedback, _FeedbackConv2d):
+    """2-D convolution trained by Kolen-Pollack learning (B gets W's update)."""
 
 
 class DFAHidden(nn.Module):

@@ -21,6 +21,8 @@ from bioexp.layers.feedback import (
     FAConv2d,
     FALinear,
     FeedbackInit,
+    KPConv2d,
+    KPLinear,
     SignLinear,
 )
 from bioexp.models.base import ActivationName, Classifier, Probability, Sizes
@@ -37,6 +39,28 @@ def fa_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sizes = (512,
     sizes = [math.prod(input_shape), *hidden, num_classes]
     linear = partial(FALinear, init=feedback_init, scale_to_weight=feedback_scale)
     return Classifier(nn.Sequential(nn.Flatten(), *mlp_layers(sizes, activation, dropout, linear)))
+
+
+@register_model
+def kp_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sizes = (512, 256),
+           activation: ActivationName = "relu", dropout: Probability = 0.0,
+           feedback_init: FeedbackInit = "kaiming") -> Classifier:
+    """MLP trained by Kolen-Pollack learning: B starts random and gets W's update, decay too."""
+    sizes = [math.prod(input_shape), *hidden, num_classes]
+    linear = partial(KPLinear, init=feedback_init)
+    return Classifier(nn.Sequential(nn.Flatten(), *mlp_layers(sizes, activation, dropout, linear)))
+
+
+@register_model
+def kp_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16, 32),
+           hidden: Sizes = (256,), activation: ActivationName = "relu", dropout: Probability = 0.3,
+           feedback_init: FeedbackInit = "kaiming") -> Classifier:
+    """`cnn`'s architecture with every layer, convolutions included, trained by Kolen-Pollack."""
+    blocks, flat = conv_blocks(input_shape, channels, activation,
+                               partial(KPConv2d, init=feedback_init))
+    fc = mlp_layers([flat, *hidden, num_classes], activation, dropout,
+                    partial(KPLinear, init=feedback_init))
+    return Classifier(nn.Sequential(*blocks, nn.Flatten(), *fc))
 
 
 @register_model
