@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.config import model_hyperparameters, validate
 from bioexp.data import dataset_plan
-from bioexp.engine import Schedule
+from bioexp.engine import Schedule, local_layers
 from bioexp.engine.schedule import group_error
-from bioexp.errors import BioexpError, DeviceError
+from bioexp.errors import BioexpError, ConfigError, DeviceError
 from bioexp.registry import build_model, check_hyperparameters
 
 
@@ -64,7 +64,10 @@ def preflight(cfg: DictConfig) -> torch.device:
     device = resolve_device(cfg.device)
     input_shape, num_classes = dataset_plan(cfg.data)
     with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
-        build_model(cfg.model.name, input_shape, num_classes, **hparams)
+        model = build_model(cfg.model.name, input_shape, num_classes, **hparams)
+    if cfg.get("control") is not None and not local_layers(model):
+        raise ConfigError(f"control={cfg.control} leaves a model's local-rule layers untrained, "
+                          f"and {cfg.model.name} has none")
     return device
 
 

@@ -31,7 +31,8 @@ from bioexp.config import RESUME_FREE_KEYS, flatten
 from bioexp.records import read_json, read_metrics
 
 SUMMARY = "summary.json"
-GROUPS = ("model", "data", "schedule")  # config groups shown as columns
+# Config groups shown as columns, and whether the run is a random-feature control (`control`).
+GROUPS = ("model", "control", "data", "schedule")
 PHASE_LABELS = {"unsupervised": "unsup", "supervised": "sup"}
 # Accuracy columns of the per-run table -> their summary.json fields.
 ACCURACY_COLUMNS = {"final": "test_acc", "best": "best_test_acc", "val": "val_acc"}
@@ -201,18 +202,24 @@ def _cost_columns(runs: list[Run]) -> list[tuple[str, Any]]:
     return columns
 
 
+def shown_groups(runs: list[Run]) -> list[str]:
+    """GROUPS, with `control` only when some run is a random-feature control."""
+    return [g for g in GROUPS if g != "control" or any(r.value("control") for r in runs)]
+
+
 def run_table(runs: list[Run]) -> Table:
     """One row per run: its name, config groups, varying overrides, status, accuracies (final
     and best test accuracy, final validation accuracy) and costs."""
     varying = varying_overrides(runs)
     keys = [k for k in (varying[0] if varying else {}) if k not in GROUPS]
+    groups = shown_groups(runs)
     scores = [c for c in ACCURACY_COLUMNS
               if c != "val" or any(r.number("val_acc") is not None for r in runs)]
     costs = _cost_columns(runs)
-    header = ["run", *GROUPS, *keys, "status", *scores, *(name for name, _ in costs)]
+    header = ["run", *groups, *keys, "status", *scores, *(name for name, _ in costs)]
     rows = []
     for name, run, v in zip(run_names(runs), runs, varying, strict=True):
-        rows.append([name, *(run.value(g) for g in GROUPS), *(v[k] for k in keys), run.status,
+        rows.append([name, *(run.value(g) for g in groups), *(v[k] for k in keys), run.status,
                      *(run.number(ACCURACY_COLUMNS[c]) for c in scores),
                      *(get(run) for _, get in costs)])
     return Table(header, rows)
@@ -283,7 +290,7 @@ def missing_key(runs: list[Run], key: str, metric: bool = False) -> str | None:
     else:
         if any(r.has(key) for r in runs):
             return None
-        keys = {*GROUPS, *(k for r in runs for k in (*r.config, *r.summary))}
+        keys = {*shown_groups(runs), *(k for r in runs for k in (*r.config, *r.summary))}
     names = sorted(keys)
     close = ([k for k in names if k.endswith("." + key)][:3]
              or difflib.get_close_matches(key, names, n=3))

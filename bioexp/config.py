@@ -21,6 +21,8 @@ from bioexp.errors import ConfigError
 GROUPS = ("model", "data", "schedule", "optimizer", "lr_schedule", "experiment", "sweep",
           "hebbian_split", "hybrid")
 LOCAL_LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
+# control=...: the model's local-rule layers untrained, at their own initial weights or Gaussian.
+CONTROLS = ("random_features", "gaussian_features")
 INPUT_SCALES = ("unit", "symmetric")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -215,6 +217,8 @@ def validate(cfg: DictConfig) -> None:
         raise _fail("device", "auto, cpu, cuda or cuda:N", device)
     check_bool(cfg, "progress")
     check_bool(cfg, "cache")
+    if cfg.get("control") is not None:
+        check_choice(cfg, "control", CONTROLS)
     check_int(cfg, "eval_batch_size", minimum=1)
     check_int(cfg, "threads", minimum=1, nullable=True)
     check_number(cfg, "checkpoint_every_min", low=0)

@@ -42,7 +42,15 @@ from bioexp.config import (
     model_hyperparameters,
 )
 from bioexp.data import load_dataset
-from bioexp.engine import Diverged, FitResult, Schedule, fit, local_layers
+from bioexp.engine import (
+    Diverged,
+    FitResult,
+    Schedule,
+    fit,
+    has_phase1,
+    local_layers,
+    plural,
+)
 from bioexp.errors import BioexpError, ConfigError
 from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
 from bioexp.records import (
@@ -308,9 +316,12 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
     model = build_model(cfg.model.name, data.input_shape, data.num_classes,
                         **model_hyperparameters(cfg)).to(device)
     built.update(model=model, input_shape=data.input_shape)
+    if cfg.get("control") is not None:
+        start_control(model, cfg.control)
     schedule = Schedule.from_cfg(cfg)
     counts = parameter_counts(model)
-    recorder.update_summary(device=str(device), data_origin=data.origin,
+    recorder.update_summary(control=cfg.get("control"), device=str(device),
+                            data_origin=data.origin,
                             input_shape=list(data.input_shape), num_classes=data.num_classes,
                             parameters={"trainable": counts["trainable"],
                                         "other": counts["local"]},
@@ -339,6 +350,18 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
     elif has_phase1(model, schedule):
         recorder.update_summary(phase1_cache={"status": "off"})
     record_completion(recorder, result)
+
+
+def start_control(model: torch.nn.Module, control: str) -> None:
+    """A random-feature control: its local-rule layers never learn (Schedule.local_rules), and
+    with `gaussian_features` their weights are first redrawn as Gaussian projections."""
+    layers = local_layers(model)
+    if control == "gaussian_features":
+        for layer in layers:
+            layer.gaussian_init_()
+    log.info("control=%s: %s left untrained, %s", control, plural(len(layers), "local-rule layer"),
+             "redrawn as Gaussian projections" if control == "gaussian_features"
+             else "at their initial weights")
 
 
 def record_completion(recorder: RunRecorder, result: FitResult) -> None:
@@ -370,11 +393,6 @@ def draw_plots(cfg: DictConfig, run_dir: Path, rows: list[dict], built: dict[str
 # Data keys that do not change the training images, so they stay out of the phase-1 cache key
 # (synthetic data draws its test images after its training images).
 NOT_TRAINING_DATA = ("root", "download", "test_limit", "n_test")
-
-
-def has_phase1(model: torch.nn.Module, schedule: Schedule) -> bool:
-    return (schedule.name == "two_phase" and schedule.unsupervised.epochs > 0
-            and bool(local_layers(model)) and hasattr(model, "body"))
 
 
 def phase1_cache(cfg: DictConfig, model: torch.nn.Module, schedule: Schedule,

@@ -9,7 +9,7 @@
 - `fit.py`: the schedule's phases, written out.
 """
 
-from bioexp.engine.fit import ALIGNMENT_BATCH, fit, plural
+from bioexp.engine.fit import ALIGNMENT_BATCH, fit, has_phase1, plural
 from bioexp.engine.local import local_layers, local_learning
 from bioexp.engine.loops import (
     DIVERGENCE_FACTOR,
@@ -26,6 +26,7 @@ from bioexp.engine.state import FitResult, Interrupted, Position
 __all__ = [
     "ALIGNMENT_BATCH", "DIVERGENCE_FACTOR", "Diverged", "FitResult", "Interrupted", "Position",
     "Schedule", "SupervisedPhase", "UnsupervisedPhase", "evaluate", "fit", "frozen_body",
+    "has_phase1",
     "local_layers", "local_learning", "plural", "precompute", "supervised_epoch",
     "unsupervised_epoch",
 ]

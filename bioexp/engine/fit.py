@@ -88,10 +88,12 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         log.info("resuming: %s phase, epoch %d, after %s of it", state.pos.phase,
                  state.pos.epoch + 1, plural(state.pos.batch, "batch", "batches"))
     try:
-        if has_phase1(job) and state.pos.phase == "unsupervised":
+        if has_phase1(model, schedule) and state.pos.phase == "unsupervised":
             phase1(job, state, phase1_cache)
         elif schedule.name == "two_phase" and not local_layers(model):
             log.info("phase 1 (unsupervised) skipped: the model has no local-rule layers")
+        elif not schedule.local_rules:
+            log.info("a control: the local-rule layers keep their initial weights")
         phase2(job, state)
     except Diverged as exc:
         if not local_layers(model) or exc.reason != NONFINITE:
@@ -101,9 +103,17 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
     return state.result
 
 
-def has_phase1(job: Job) -> bool:
-    return (job.schedule.name == "two_phase" and job.schedule.unsupervised.epochs > 0
-            and bool(local_layers(job.model)))
+def has_phase1(model: nn.Module, schedule: Schedule) -> bool:
+    """Whether `schedule` trains local-rule layers of `model` before its supervised phase."""
+    return (schedule.name == "two_phase" and schedule.unsupervised.epochs > 0
+            and schedule.local_rules and bool(local_layers(model)) and hasattr(model, "body"))
+
+
+def learns_locally(model: nn.Module, schedule: Schedule) -> list[nn.Module]:
+    """The local-rule layers that learn during the supervised phase (one phase), else []."""
+    if schedule.name != "one_phase" or not schedule.local_rules:
+        return []
+    return local_layers(model)
 
 
 def phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
@@ -161,8 +171,7 @@ class Splits:
 def phase2_inputs(job: Job) -> tuple[Splits, nn.Module | None]:
     """The splits phase 2 sees, and the frozen body whose features they are (None: images)."""
     data, model = job.data, job.model
-    learns = job.schedule.name == "one_phase" and local_layers(model)
-    body = None if learns else frozen_body(model)
+    body = None if learns_locally(model, job.schedule) else frozen_body(model)
     if body is None:
         return Splits(data.train, data.test, data.val), None
     log.info("body is frozen: computing its features once for the supervised phase")
@@ -189,7 +198,7 @@ def phase2(job: Job, state: FitState) -> None:
         probe = Split(splits.train.x[:ALIGNMENT_BATCH], splits.train.y[:ALIGNMENT_BATCH])
         if state.pos.epoch == 0 and state.pos.batch == 0:
             first_row(job, state, probe)
-        local = local_layers(model) if job.schedule.name == "one_phase" else []
+        local = learns_locally(model, job.schedule)
         if local:
             log.info("one phase: %s learn during the supervised epochs",
                      plural(len(local), "local layer"))

@@ -115,6 +115,7 @@ class Schedule:
     name: str  # "two_phase" or "one_phase"
     unsupervised: UnsupervisedPhase
     supervised: SupervisedPhase
+    local_rules: bool = True  # False: local-rule layers keep their initial weights (a control)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Schedule:
@@ -125,7 +126,8 @@ class Schedule:
         optimizer = instantiate_group(cfg, "optimizer")
         lr_schedule = instantiate_group(cfg, "lr_schedule") if cfg.get("lr_schedule") else None
         return cls(cfg.schedule.name, UnsupervisedPhase(**unsup),
-                   SupervisedPhase(**sup, optimizer=optimizer, lr_schedule=lr_schedule))
+                   SupervisedPhase(**sup, optimizer=optimizer, lr_schedule=lr_schedule),
+                   local_rules=cfg.get("control") is None)
 
 
 def instantiate_group(cfg: DictConfig, group: str) -> Any:

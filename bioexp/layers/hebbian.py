@@ -40,6 +40,12 @@ class HebbianLinear(LocalLayer):
             self.register_buffer(f"rule_{key}", value)  # checkpointed with the weights
             self._state_keys.append(key)
 
+    @torch.no_grad()
+    def gaussian_init_(self) -> None:
+        self.weight.normal_()
+        if self.normalize:
+            normalize_columns_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(x @ self.weight)  # (B, D) @ (D, H) -> (B, H)
 

@@ -32,6 +32,13 @@ class LocalLayer(nn.Module):
         """(units,): how often each unit won a competition, for layers that have one."""
         return None
 
+    @torch.no_grad()
+    def gaussian_init_(self) -> None:
+        """Redraw the weights as a standard Gaussian random projection of the same shape (the
+        `control=gaussian_features` baseline: the architecture with untrained, isotropic
+        random features). Layers that keep their weights normalised renormalise them."""
+        self.weight.normal_()
+
     def unconverged(self) -> str | None:
         """After phase 1: a sentence when the weights are evidently still far from where the rule
         takes them (phase 1 was too short), else None."""
