@@ -49,14 +49,20 @@ class FeedbackLayer(nn.Module):
     exact: bool = False
 
 
+def random_feedback(weight: torch.Tensor, init: str, scale_to_weight: bool) -> torch.Tensor:
+    """A random B of W's shape, optionally rescaled to W's Frobenius norm."""
+    b = random_matrix(weight.shape, init)
+    if scale_to_weight:
+        b.mul_(weight.detach().norm() / b.norm())
+    return b
+
+
 class RandomFeedback(FeedbackLayer):
     """B fixed and random, optionally rescaled to W's Frobenius norm at initialisation."""
 
     def init_feedback(self, init: str, scale_to_weight: bool) -> None:
-        b = random_matrix(self.weight.shape, init)
-        if scale_to_weight:
-            b.mul_(self.weight.detach().norm() / b.norm())
-        self.register_buffer("feedback_weight", b)
+        self.register_buffer("feedback_weight", random_feedback(self.weight, init,
+                                                                scale_to_weight))
 
     def feedback(self) -> torch.Tensor:
         return self.feedback_weight
@@ -85,10 +91,7 @@ class KolenPollackFeedback(FeedbackLayer):
     et al. 2019, "Deep learning without weight transport", NeurIPS). It starts random, as FA's."""
 
     def init_feedback(self, init: str, scale_to_weight: bool) -> None:
-        b = random_matrix(self.weight.shape, init)
-        if scale_to_weight:
-            b.mul_(self.weight.detach().norm() / b.norm())
-        self.feedback_weight = nn.Parameter(b)
+        self.feedback_weight = nn.Parameter(random_feedback(self.weight, init, scale_to_weight))
 
     def feedback(self) -> torch.Tensor:
         return self.feedback_weight
