@@ -161,6 +161,8 @@ def list_command(args: Sequence[str]) -> None:
               ("sweep", "sweep recipes (sweep=NAME, a multirun)"),
               ("hebbian_split", "semihebb layer splits (+hebbian_split=NAME)"),
               ("hybrid", "the seed_hybrid comparison's models (+hybrid=NAME)"),
+              ("bench", "rows of experiment=benchmark: a model, its budget, a control "
+                        "(+bench=NAME)"),
               ("hydra/launcher", "launchers (hydra/launcher=NAME; also Hydra's joblib, "
                                  "submitit_local, submitit_slurm)"))
     for group, title in groups:
@@ -219,6 +221,7 @@ def compare_command(args: Sequence[str]) -> None:
             _fail(f"no runs (folders with summary.json or .hydra/config.yaml) under {folder}")
         runs += found
     by = [key.strip() for key in opts.by.split(",") if key.strip()] if opts.by else []
+    by = compare.with_control(runs, by)
     metric = compare.metric_field(opts.metric)
     problems = [(f"--by {key}", compare.missing_key(runs, key)) for key in by]
     problems.append((f"--metric {opts.metric}", compare.missing_key(runs, metric, metric=True)))

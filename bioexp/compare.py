@@ -62,6 +62,11 @@ class Run:
         table = dict(zip(fgsm.get("eps", []), fgsm.get("accuracy", []), strict=False))
         return table.get(eps)
 
+    def trainable(self) -> int | None:
+        """Parameters the optimiser trained (summary.json `parameters.trainable`)."""
+        count = (self.summary.get("parameters") or {}).get("trainable")
+        return count if isinstance(count, int) else None
+
     def mflops(self) -> float | None:
         flops = (self.evals.get("efficiency") or {}).get("flops_per_sample")
         return flops / 1e6 if isinstance(flops, (int, float)) else None
@@ -189,6 +194,8 @@ def _cost_columns(runs: list[Run]) -> list[tuple[str, Any]]:
     """(header, run -> value) for wall time, each phase's training samples per second (`unsup/s`,
     `sup/s`) and the peak memory of the most demanding phase."""
     columns: list[tuple[str, Any]] = [("time s", lambda r: r.number("wall_time_s"))]
+    if any(r.trainable() is not None for r in runs):
+        columns.append(("params", lambda r: r.trainable()))
     for name in _phases(runs):
         columns.append((f"{PHASE_LABELS.get(name, name)}/s",
                         lambda r, n=name: r.phase(n).get("samples_per_s")))
@@ -246,23 +253,51 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def with_control(runs: list[Run], by: list[str]) -> list[str]:
+    """`by`, plus `control` when grouping by model and some runs are random-feature controls:
+    a family and its controls are different rows, never one mean."""
+    if "model" in by and "control" not in by and any(r.value("control") for r in runs):
+        return [*by, "control"]
+    return by
+
+
 def group_table(runs: list[Run], by: list[str], metric: str = "test_acc") -> Table:
     """One row per distinct value of the `by` keys: mean, standard deviation and count of
-    `metric` over the group's completed runs, their mean costs, and every status seen."""
+    `metric` over the group's completed runs, their mean costs, and every status seen. When
+    `by` holds `control`, `vs control` is a trained group's mean minus the mean of its stronger
+    control (the same other keys, the higher-scoring control)."""
     groups = group_runs(runs, by)
     costs = _cost_columns(runs)
-    header = [*by, f"{metric} mean", "std", "n", *(name for name, _ in costs), "statuses"]
+    controls = "control" in by
+    header = [*by, f"{metric} mean", "std", "n", *(["vs control"] if controls else []),
+              *(name for name, _ in costs), "statuses"]
+    means: dict[tuple[str, ...], float | None] = {}
     rows = []
     for key, members in groups.items():
         done = [r for r in members if r.completed]
         values = [v for v in (r.number(metric) for r in done) if v is not None]
-        mean = statistics.fmean(values) if values else None
+        means[key] = statistics.fmean(values) if values else None
         std = statistics.stdev(values) if len(values) > 1 else None
         counts = Counter(r.status for r in members)
         statuses = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        rows.append([*key, mean, std, len(values), *(_mean([get(r) for r in done]) for _, get in
-                                                     costs), statuses])
+        rows.append([*key, means[key], std, len(values),
+                     *(_mean([get(r) for r in done]) for _, get in costs), statuses])
+    if controls:
+        at = by.index("control")
+        for row, key in zip(rows, groups, strict=True):
+            row.insert(len(by) + 3, _over_control(key, at, means))
     return Table(header, rows)
+
+
+def _over_control(key: tuple[str, ...], at: int, means: dict[tuple[str, ...], float | None]
+                  ) -> float | None:
+    """The group `key`'s mean minus the best mean among its controls (the groups with the same
+    keys but a control at position `at`); None for controls and groups without any."""
+    if key[at] != "None" or means[key] is None:
+        return None
+    rivals = [mean for other, mean in means.items() if other[at] != "None" and mean is not None
+              and other[:at] + other[at + 1:] == key[:at] + key[at + 1:]]
+    return means[key] - max(rivals) if rivals else None
 
 
 def group_runs(runs: list[Run], by: list[str]) -> dict[tuple[str, ...], list[Run]]:
@@ -353,8 +388,10 @@ def _cell(value: Any, column: str) -> str:
         text = str(value)
         number = _as_number(text) if len(text) > 8 else None
         return f"{number:.4g}" if number is not None else text
-    if column.endswith("/s"):
+    if column.endswith("/s") or column == "params":
         return _compact(value)
+    if column == "vs control":
+        return f"{value:+.4f}"
     if column.endswith(" s"):
         return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
     if column.endswith("MB"):

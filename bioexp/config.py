@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from bioexp.errors import ConfigError
 
 GROUPS = ("model", "data", "schedule", "optimizer", "lr_schedule", "experiment", "sweep",
-          "hebbian_split", "hybrid")
+          "hebbian_split", "hybrid", "bench")
 LOCAL_LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
 # control=...: the model's local-rule layers untrained, at their own initial weights or Gaussian.
 CONTROLS = ("random_features", "gaussian_features")
@@ -173,6 +173,14 @@ def check_choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> None:
         raise _fail(key, "one of " + ", ".join(choices), value)
 
 
+def check_strengths(cfg: DictConfig, key: str) -> None:
+    """`key` is a list of numbers in [0, 1] (FGSM strengths as fractions of the pixel range)."""
+    value = OmegaConf.select(cfg, key, default=[])
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else None
+    if values is None or not all(_is_number(v) and 0 <= v <= 1 for v in values):
+        raise _fail(key, "a list of numbers in [0, 1], e.g. [0, 0.1]", value)
+
+
 def check_bool(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
     if not isinstance(value, bool):
@@ -222,6 +230,7 @@ def validate(cfg: DictConfig) -> None:
     check_int(cfg, "eval_batch_size", minimum=1)
     check_int(cfg, "threads", minimum=1, nullable=True)
     check_number(cfg, "checkpoint_every_min", low=0)
+    check_strengths(cfg, "fgsm")
 
     check_int(cfg, "data.train_limit", minimum=1, nullable=True)
     check_int(cfg, "data.test_limit", minimum=1, nullable=True)

@@ -1,12 +1,9 @@
 """`bioexp eval`: robustness, representations and costs of trained runs, written into their folders.
 
-- FGSM (Goodfellow, Shlens & Szegedy 2015, "Explaining and harnessing adversarial examples"):
-  x' = clip(x + eps * sign(grad_x L(f(x), y))), with L the model's own training loss. Every
+- FGSM (Goodfellow, Shlens & Szegedy 2015) at each strength, by `bioexp.robustness`. Every
   model here is differentiable with respect to its input (Krotov and Hebbian layers compute
   x W; their learning rules, not their forward passes, hold the winner-take-all), so the attack
-  uses the exact input gradient. Feedback-alignment layers backpropagate through their random
-  matrices B during training; for the attack they are switched to exact backprop, so the
-  attacker sees the true gradient of the forward function, not the training signal.
+  uses the exact input gradient.
 - The last hidden layer (the input of the last linear layer) of a sample of test images,
   projected on its first two principal components. PCA rather than t-SNE: it is deterministic,
   takes a second, needs no extra dependency, and its axes and explained variance mean the same
@@ -30,13 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.data import Dataset, Split, load_dataset
 from bioexp.errors import ConfigError
-from bioexp.layers.feedback import FeedbackLayer, exact_backprop
 from bioexp.records import CHECKPOINT, SUMMARY, load_checkpoint, read_json, write_json
 from bioexp.registry import build_model, parameter_counts
+from bioexp.robustness import EVAL_DIR, write_fgsm
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
-PIXEL_RANGE = {"unit": (0.0, 1.0), "symmetric": (-1.0, 1.0)}  # model.input_scale -> bounds
-EVAL_DIR = "eval"
 
 
 @dataclass
@@ -78,46 +73,6 @@ def load_run(folder: Path, device: torch.device, test_limit: int | None = None) 
     load_model_state(model, checkpoint["model"], folder, cfg.model.name)
     summary = read_json(folder / SUMMARY) if (folder / SUMMARY).is_file() else {}
     return TrainedRun(folder, cfg, model.to(device).eval(), data, summary)
-
-
-# ----------------------------------------------------------------------------------------------
-# FGSM
-
-
-def input_gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sign(d loss / d x) of the model's own loss, with exact backprop in feedback layers."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), exact_backprop(model):
-        loss = model.loss(model(x), y)
-        (grad,) = torch.autograd.grad(loss, x)
-    return grad.sign()
-
-
-def fgsm_inputs(x: torch.Tensor, sign: torch.Tensor, eps: float,
-                bounds: tuple[float, float]) -> torch.Tensor:
-    """x + eps * sign, clamped to the pixel range; `eps` is in units of the [0, 1] scale."""
-    low, high = bounds
-    return (x + eps * (high - low) * sign).clamp(low, high)
-
-
-@torch.no_grad()
-def fgsm_accuracy(model: nn.Module, split: Split, eps_list: list[float],
-                  bounds: tuple[float, float], batch_size: int = 1000) -> list[float]:
-    """Test accuracy under an FGSM attack of each strength, one gradient per batch."""
-    correct = torch.zeros(len(eps_list), dtype=torch.long, device=split.x.device)
-    for x, y in split.batches(batch_size):
-        sign = input_gradient_sign(model, x, y)
-        for i, eps in enumerate(eps_list):
-            adv = x if eps == 0 else fgsm_inputs(x, sign, eps, bounds)
-            correct[i] += (model.predict(model(adv)) == y).sum()
-    return [c / len(split) for c in correct.tolist()]
-
-
-def attack_gradient(model: nn.Module) -> str:
-    """How the attack's gradient was obtained, for the output."""
-    if any(isinstance(m, FeedbackLayer) for m in model.modules()):
-        return "exact input gradient (feedback layers switched to exact backprop for the attack)"
-    return "exact input gradient"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,12 +146,8 @@ def evaluate_run(run: TrainedRun, eps_list: list[float], embed_samples: int = 20
     from bioexp.train import plot_local_layer
 
     model, test = run.model, run.data.test
-    bounds = PIXEL_RANGE[run.cfg.model.input_scale]
-    accuracy = fgsm_accuracy(model, test, eps_list, bounds, batch_size)
-    fgsm = {"eps": eps_list, "accuracy": accuracy, "n_test": len(test),
-            "gradient": attack_gradient(model),
-            "eps_units": "fraction of the pixel range (the [0, 1] scale)"}
-    write_json(run.path / EVAL_DIR / "fgsm.json", fgsm)
+    fgsm = write_fgsm(model, test, eps_list, run.cfg.model.input_scale, run.path, batch_size)
+    accuracy = fgsm["accuracy"]
 
     counts = confusion_matrix(model, test, run.data.num_classes, batch_size)
     representation: dict[str, Any] = {"confusion": counts.tolist()}

@@ -41,7 +41,7 @@ from bioexp.config import (
     ignored_settings,
     model_hyperparameters,
 )
-from bioexp.data import load_dataset
+from bioexp.data import Split, load_dataset
 from bioexp.engine import (
     Diverged,
     FitResult,
@@ -62,6 +62,7 @@ from bioexp.records import (
     read_json,
 )
 from bioexp.registry import build_model, parameter_counts
+from bioexp.robustness import write_fgsm
 
 log = logging.getLogger("bioexp")
 
@@ -349,7 +350,18 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
             "file": str(cache.path)})
     elif has_phase1(model, schedule):
         recorder.update_summary(phase1_cache={"status": "off"})
+    if cfg.get("fgsm"):
+        attack(model.eval(), data.test, list(cfg.fgsm), cfg, run_dir)
     record_completion(recorder, result)
+
+
+def attack(model: torch.nn.Module, test: Split, eps: list[float], cfg: DictConfig,
+           run_dir: Path) -> None:
+    """`fgsm=[...]`: the trained model's test accuracy under FGSM at each strength, written to
+    eval/fgsm.json as `bioexp eval` writes it (so `bioexp compare` shows `fgsm@0.1`)."""
+    fgsm = write_fgsm(model, test, eps, cfg.model.input_scale, run_dir, cfg.eval_batch_size)
+    log.info("FGSM test accuracy: %s", ", ".join(
+        f"{e:g}: {a:.4f}" for e, a in zip(fgsm["eps"], fgsm["accuracy"], strict=True)))
 
 
 def start_control(model: torch.nn.Module, control: str) -> None:
@@ -416,6 +428,8 @@ def plot_local_layer(model: torch.nn.Module, input_shape: tuple[int, ...], folde
     if not layers:
         return
     weights, wins = layers[0].receptive_fields(), layers[0].unit_usage()
+    if hasattr(layers[0], "field_shape"):  # a convolution: one unit sees a patch
+        input_shape = layers[0].field_shape()
     if weights is not None and torch.isfinite(weights).all():
         plot_receptive_fields(weights, input_shape, folder / "receptive_fields.png", title,
                               usage=wins)

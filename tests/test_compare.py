@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -298,3 +299,30 @@ def test_a_warning_names_a_handful_of_keys() -> None:
         "group model=m mixes runs that differ in model.k0, model.k1, model.k2, model.k3, "
         "model.k4 and 2 more"]
     assert mixed_groups(runs, ["model.k0"]) == []  # one run per group
+
+
+def test_grouping_by_model_keeps_controls_apart_and_scores_against_the_stronger(tmp_path):
+    from bioexp.compare import find_runs, group_table, with_control
+
+    scores = {("krotov_fc", None): [0.87, 0.88], ("krotov_fc", "random_features"): [0.83, 0.83],
+              ("krotov_fc", "gaussian_features"): [0.85, 0.86], ("bp_mlp", None): [0.9, 0.9]}
+    for (model, control), values in scores.items():
+        for seed, acc in enumerate(values):
+            folder = tmp_path / f"{model}_{control}_{seed}"
+            (folder / ".hydra").mkdir(parents=True)
+            (folder / ".hydra" / "config.yaml").write_text(
+                f"model:\n  name: {model}\ncontrol: {control or 'null'}\nseed: {seed}\n")
+            (folder / "summary.json").write_text(json.dumps({
+                "status": "completed", "model": model, "control": control, "test_acc": acc,
+                "parameters": {"trainable": 1234, "other": 0}}))
+    runs = find_runs(tmp_path)
+    by = with_control(runs, ["model"])
+    assert by == ["model", "control"]
+    table = group_table(runs, by)
+    rows = {(row[0], row[1]): dict(zip(table.header, row, strict=True)) for row in table.rows}
+    trained = rows[("krotov_fc", "None")]
+    assert trained["n"] == 2 and trained["vs control"] == pytest.approx(0.875 - 0.855)
+    assert rows[("krotov_fc", "random_features")]["vs control"] is None
+    assert rows[("bp_mlp", "None")]["vs control"] is None  # no control to beat
+    assert trained["params"] == 1234
+    assert with_control([r for r in runs if r.value("control") is None], ["model"]) == ["model"]

@@ -16,13 +16,9 @@ from bioexp import plots
 from bioexp.data import Dataset, Split
 from bioexp.engine import local_layers
 from bioexp.evaluate import (
-    PIXEL_RANGE,
     TrainedRun,
     evaluate_run,
-    fgsm_accuracy,
-    fgsm_inputs,
     forward_flops,
-    input_gradient_sign,
     last_hidden_layer,
     load_run,
     pca_2d,
@@ -30,6 +26,7 @@ from bioexp.evaluate import (
 from bioexp.layers.feedback import exact_backprop
 from bioexp.records import read_json
 from bioexp.registry import build_model
+from bioexp.robustness import PIXEL_RANGE, fgsm_accuracy, fgsm_inputs, input_gradient_sign
 
 # Enough synthetic data and epochs for a model that is really trained (test accuracy near 1).
 TRAINED = ("data=synthetic", "data.n_train=2000", "data.n_test=500", "schedule.supervised.epochs=4",

@@ -108,3 +108,31 @@ def test_seed_hybrid_runs_and_shares_phase_1(bioexp, tmp_path: Path) -> None:
     statuses = [read_json(p)["phase1_cache"]["status"]
                 for p in sorted(sweep.glob("*/summary.json"))]
     assert statuses == ["miss", "hit"]  # the FA head reused the linear head's phase 1
+
+
+def benchmark_rows(make_cfg, experiment: str) -> list[str]:
+    cfg = make_cfg(f"experiment={experiment}", hydra=True)
+    assert str(cfg.hydra.mode).endswith("MULTIRUN") and list(cfg.fgsm) == [0, 0.1]
+    return [row.strip() for row in cfg.hydra.sweeper.params["+bench"].split(",")]
+
+
+@pytest.mark.parametrize("experiment", ["benchmark", "benchmark_quick"])
+def test_every_benchmark_row_is_a_valid_run_and_local_rule_families_have_controls(
+        make_cfg, experiment: str) -> None:
+    import bioexp.models  # noqa: F401
+    from bioexp.config import validate
+    from bioexp.engine import local_layers
+    from bioexp.registry import build_model
+
+    rows = benchmark_rows(make_cfg, experiment)
+    assert len(rows) == len(set(rows))
+    for row in rows:
+        cfg = make_cfg(f"+bench={row}")
+        validate(cfg)
+        model = build_model(cfg.model.name, (1, 28, 28), 10)
+        controls = {f"{row}_random", f"{row}_gaussian"}
+        if cfg.control is None and local_layers(model):
+            assert controls <= set(rows), f"{row} is a local-rule family without its controls"
+        if cfg.control is not None:
+            assert not local_layers(model) or row.startswith(cfg.model.name)
+
