@@ -17,7 +17,7 @@ from bioexp.layers.feedback import FALinear
 from bioexp.plots import plot_receptive_fields
 from bioexp.records import read_json, read_metrics
 from bioexp.registry import build_model
-from bioexp.rules.hebbian import Gupta, Hebb, Oja, keep_top, make_rule
+from bioexp.rules.hebbian import Gupta, GuptaReference, Hebb, Oja, keep_top, make_rule
 from bioexp.train import run
 
 # x (B=2, D=3), y (B=2, H=2), W (D=3, H=2): the shapes of every rule.
@@ -66,8 +66,34 @@ def test_gupta_threshold_is_the_running_mean_of_earlier_products() -> None:
     assert torch.allclose(state["mean"], (1 + 2 + 4) / 3 * XTY) and state["steps"].item() == 3
 
 
+def test_gupta_reference_subtracts_the_raw_mean_and_keeps_the_notebooks_rank() -> None:
+    rule, lr = GuptaReference(50), 0.5
+    state = rule.initial_state(W)
+    # step 1: 0.5 XTY = [[.5, 1], [1.5, 0], [2.5, 2]]; rank 1 + round(0.5 * 5) = 3, the 3rd
+    # smallest is 1, so 1 and up are kept (gupta's rank 4 would keep 1.5 and up only)
+    step, state = rule(X, Y, W, state, lr=lr)
+    assert torch.equal(step, torch.tensor([[0.0, 1.0], [1.5, 0.0], [2.5, 2.0]]))
+    # step 2, x scaled by 4: 0.5 * 4 XTY - XTY / 1 = XTY; 3rd smallest 2
+    step, state = rule(4 * X, Y, W, state, lr=lr)
+    assert torch.equal(step, torch.tensor([[0.0, 2.0], [3.0, 0.0], [5.0, 4.0]]))
+    # step 3: 0.5 XTY - (XTY + 4 XTY) / 2 = -2 XTY = [[-2, -4], [-6, 0], [-10, -8]]; 3rd: -6
+    step, state = rule(X, Y, W, state, lr=lr)
+    assert torch.equal(step, torch.tensor([[-2.0, -4.0], [-6.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(state["sum"], 6 * XTY) and state["steps"].item() == 3
+
+
+def test_gupta_reference_layer_adds_its_step_unscaled() -> None:
+    layer = HebbianLinear(3, 2, GuptaReference(50), normalize=False)
+    layer.weight.copy_(W)
+    y = layer(X)
+    step, _ = GuptaReference(50)(X, y, W, GuptaReference(50).initial_state(W), lr=0.5)
+    layer.local_update(X, y, lr=0.5)
+    assert torch.equal(layer.weight, W + step)
+    assert layer.rule_steps.item() == 1
+
+
 def test_rules_do_not_mutate_their_arguments() -> None:
-    for rule in (Hebb(), Oja(), Gupta(60), Gupta(60, per_unit=True)):
+    for rule in (Hebb(), Oja(), Gupta(60), Gupta(60, per_unit=True), GuptaReference(60)):
         state = rule.initial_state(W)
         copies = [t.clone() for t in (X, Y, W, *state.values())]
         rule(X, Y, W, state)
@@ -142,6 +168,9 @@ def test_semihebb_builds_hebbian_body_and_chosen_head() -> None:
 @pytest.mark.parametrize(("hparams", "key"), [
     ({"sparsity": 100.0}, "model.sparsity"),
     ({"sparsity": -1}, "model.sparsity"),
+    ({"rule": "gupta_reference", "sparsity": 100.0}, "model.sparsity"),
+    ({"rule": "gupta_reference", "sparsity": -5}, "model.sparsity"),
+    ({"rule": "gupta_ref"}, "model.rule"),
     ({"hebbian": []}, "model.hebbian"),
     ({"head": [0]}, "model.head"),
 ])

@@ -51,8 +51,12 @@ class HebbianLinear(LocalLayer):
 
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         state = {key: getattr(self, f"rule_{key}") for key in self._state_keys}
-        dw, state = self.rule(x, y, self.weight, state)
-        self.weight.add_(dw, alpha=lr)
+        if self.rule.applies_rate:
+            step, state = self.rule(x, y, self.weight, state, lr=lr)
+            self.weight.add_(step)
+        else:
+            dw, state = self.rule(x, y, self.weight, state)
+            self.weight.add_(dw, alpha=lr)
         if self.normalize:
             normalize_columns_(self.weight)
         for key, value in state.items():

@@ -161,6 +161,7 @@ def krotov_biocell_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hi
                       init: KrotovInit = "uniform", normalize_input: bool = True,
                       unit_rows: bool = True, n: float = 4.5, m: LossPower = 6.0,
                       beta: float = 1.0) -> BioCellClassifier:
-    """Krotov-Hopfield hidden layer under the BioCell classifier, S by feedback alignment."""
+    """krotov_biocell_fc under the reference's FA name: the same computation, since FA leaves the
+    only trained layer's own gradient as it is."""
     return _biocell_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
                           unit_rows, n, m, beta, FALinear)

@@ -12,27 +12,33 @@ buffers, so they are checkpointed) and return the next state.
   biologically plausible learning", ICASSP): the Hebbian product minus the running mean of the
   earlier products of the same synapse, then only the entries at or above the p-th percentile of
   that update are kept ("gradient sparsity"), over the whole matrix or per hidden unit.
+- `gupta_reference`: the form of the Brown CLPS1291 notebooks, lr x^T y minus the mean of the
+  earlier *raw* products (not scaled by lr), sparsified with the notebooks' percentile rank. It
+  equals `gupta` only at lr = 1; it is there to reproduce the notebooks' figures.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
 State = dict[str, torch.Tensor]
-RuleName = Literal["hebb", "oja", "gupta", "gupta_local"]
+RuleName = Literal["hebb", "oja", "gupta", "gupta_local", "gupta_reference"]
 
 
 class HebbianRule:
     """`(x, y, w, state) -> (dw, state)`; stateless rules ignore and return an empty state.
 
     Rules are frozen dataclasses: their fields are their settings, which `repr` shows and the
-    phase-1 cache key hashes.
+    phase-1 cache key hashes. A rule with `applies_rate` takes the learning rate as a keyword
+    (`lr=`) and returns the step itself, which the layer adds unscaled.
     """
+
+    applies_rate: ClassVar[bool] = False
 
     def initial_state(self, w: torch.Tensor) -> State:
         return {}
@@ -124,13 +130,53 @@ class Gupta(HebbianRule):
         return update, {"mean": torch.lerp(mean, product, 1 / steps), "steps": steps}
 
 
+def reference_percentile(update: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The notebooks' sparsity: keep the entries at or above the k-th smallest of the n entries,
+    k = 1 + round(p / 100 * (n - 1)) (Python's rounding). Against `keep_top`'s rank
+    floor(n p / 100) + 1, it can keep one entry more."""
+    k = 1 + round(0.01 * float(percentile) * (update.numel() - 1))
+    return torch.where(update < kth_smallest(update, k), 0.0, update)
+
+
+@dataclass(frozen=True)
+class GuptaReference(HebbianRule):
+    """Gupta's rule as the reference notebooks compute it. At step t, with P = x^T y:
+
+        step = keep(lr * P - (P_1 + ... + P_{t-1}) / (t - 1))     (no mean at t = 1)
+
+    where `keep` is `reference_percentile` over the whole matrix; W <- W + step. The running
+    sum is of raw products, so the subtracted mean is not scaled by lr.
+    """
+
+    sparsity: float
+    applies_rate: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparsity < 100:
+            raise ValueError(f"sparsity must be a percentile in [0, 100), got {self.sparsity!r}")
+
+    def initial_state(self, w):
+        return {"sum": torch.zeros_like(w), "steps": torch.zeros((), device=w.device)}
+
+    def __call__(self, x, y, w, state, lr: float = 1.0):
+        product = x.T @ y  # (D, H)
+        total, steps = state["sum"], state["steps"]
+        step = lr * product
+        if steps.item() > 0:
+            step = step - total / steps
+        return (reference_percentile(step, self.sparsity),
+                {"sum": total + product, "steps": steps + 1})
+
+
 def make_rule(name: str, sparsity: float = 60.0) -> HebbianRule:
-    """The rule called `name` (hebb, oja, gupta, gupta_local); `sparsity` is Gupta's p."""
+    """The rule called `name` (hebb, oja, gupta, gupta_local, gupta_reference); `sparsity` is
+    Gupta's p."""
     rules = {
         "hebb": Hebb,
         "oja": Oja,
         "gupta": lambda: Gupta(sparsity),
         "gupta_local": lambda: Gupta(sparsity, per_unit=True),
+        "gupta_reference": lambda: GuptaReference(sparsity),
     }
     if name not in rules:
         raise ValueError(f"unknown Hebbian rule {name!r}; choose one of {', '.join(rules)}")
