@@ -32,6 +32,7 @@ from bioexp.data import dataset_plan
 from bioexp.engine import Schedule, local_layers
 from bioexp.engine.schedule import group_error
 from bioexp.errors import BioexpError, ConfigError, DeviceError
+from bioexp.loggers import check_loggers
 from bioexp.registry import build_model, check_hyperparameters
 
 
@@ -58,6 +59,7 @@ def preflight(cfg: DictConfig) -> torch.device:
     mistakes that involve two keys, like model.k above model.hidden), the device, and what is
     known of the dataset without reading it. Returns the device; raises BioexpError."""
     validate(cfg)
+    check_loggers(cfg)
     hparams = model_hyperparameters(cfg)
     check_hyperparameters(cfg.model.name, hparams)
     check_optimizer(cfg)

@@ -39,8 +39,10 @@ ACCURACY_COLUMNS = {"final": "test_acc", "best": "best_test_acc", "val": "val_ac
 # Both spellings work wherever a column or metric is named: `final` <-> `test_acc`, ...
 ALIASES = {**ACCURACY_COLUMNS, **{field: name for name, field in ACCURACY_COLUMNS.items()}}
 GROUP_FIELDS = {"data": "dataset"}  # summary.json fields of config groups named otherwise
-# Config keys in which the runs of one `--by` group may differ without a warning.
-UNCOMPARED_KEYS = ("seed", *RESUME_FREE_KEYS)
+# Config keys in which the runs of one `--by` group may differ without a warning: the seed, and
+# keys that change how a run is reported but not what it learns.
+UNCOMPARED_KEYS = ("seed", *RESUME_FREE_KEYS, "fgsm", "loggers", "mlflow.tracking_uri",
+                   "mlflow.experiment")
 NO_SUMMARY = "no summary"  # a job folder whose run never wrote summary.json
 SKIP_DIRS = {".hydra", "checkpoints", "plots", ".submitit", "eval"}  # never hold runs
 EVAL_FILES = ("fgsm", "efficiency")  # what `bioexp eval` wrote that tables show

@@ -97,14 +97,18 @@ class RunRecorder:
         self.checkpoint_path = self.run_dir / CHECKPOINT
         self.rows: list[dict] = []
         self.summary: dict[str, Any] = {}
+        self.listeners: list[Callable[[dict], None]] = []  # loggers (TensorBoard, MLflow)
 
     def log_metrics(self, row: dict) -> None:
-        """Append one evaluation to metrics.jsonl and flush it to disk."""
+        """Append one evaluation to metrics.jsonl, flush it to disk, and pass it on to the
+        listeners."""
         self.rows.append(row)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_json_safe(row)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        for listener in self.listeners:
+            listener(row)
 
     def truncate_metrics(self, n_rows: int) -> None:
         """Keep the first `n_rows` rows of metrics.jsonl (a resumed run drops the rows logged

@@ -52,6 +52,7 @@ from bioexp.engine import (
     plural,
 )
 from bioexp.errors import BioexpError, ConfigError
+from bioexp.loggers import close_loggers, open_loggers
 from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
 from bioexp.records import (
     CHECKPOINT,
@@ -60,6 +61,7 @@ from bioexp.records import (
     atomic_write,
     load_checkpoint,
     read_json,
+    read_metrics,
 )
 from bioexp.registry import build_model, parameter_counts
 from bioexp.robustness import write_fgsm
@@ -237,7 +239,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter() - float(previous.get("wall_time_s") or 0.0)
     built: dict[str, Any] = {}  # the model and its input shape, once built, for the plots
     stop = StopRequest()
+    loggers: list[Any] = []
     try:
+        kept = (read_metrics(recorder.metrics_path)[:saved["training"]["metrics_rows"]]
+                if saved is not None else None)
+        loggers = open_loggers(cfg, run_dir, recorder, previous, kept, _sweep_dir())
         train(cfg, run_dir, recorder, saved, {"format": CHECKPOINT_FORMAT, "config": config,
                                               "hydra_files": hydra_files}, stop, built)
     except Diverged as exc:
@@ -259,7 +265,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         recorder.update_summary(finished=_now(),
                                 wall_time_s=round(time.perf_counter() - start, 3))
         draw_plots(cfg, run_dir, recorder.rows, built)
+        close_loggers(loggers, recorder.summary, run_dir, recorder.rows)
     return recorder.summary
+
+
+def _sweep_dir() -> str | None:
+    """The multirun's folder when this run is one of its jobs, else None."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
 def existing_run(run_dir: Path, config: dict[str, Any],

@@ -10,7 +10,8 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import bioexp, pytest, ruff" 2>/dev/null; then
+if ! .venv/bin/python -c "import bioexp, pytest, ruff, tensorboard, sqlalchemy, alembic
+import importlib.util; assert importlib.util.find_spec('mlflow')" 2>/dev/null; then
     echo "setup: installing bioexp and its dependencies into .venv (torch is a large download)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[test]"
