@@ -10,6 +10,12 @@ the first run did.
 The settings of the body's modules enter the key by construction: `module_settings` reads every
 public attribute a module or its rule holds (p, k, delta, sparsity, per_unit, normalize, ...),
 so a setting added to a layer or rule tomorrow splits the cache without anyone listing it.
+
+Jobs of a sweep that need the same entry at the same time train it once: `Phase1Cache.lock`
+holds `<key>.lock` beside the entry (an `fcntl.flock` lock, which the operating system drops when
+its process dies, however it dies) while the first job trains phase 1; the others wait for it,
+saying so in their log, and then load the entry. Where there is no `fcntl` (Windows), or the
+file system refuses locks, each job goes on without one, as before.
 """
 
 from __future__ import annotations
@@ -18,15 +24,25 @@ import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
 
 from bioexp.records import atomic_write
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; every job trains its own phase 1, as before the lock
+    fcntl = None
+
 log = logging.getLogger(__name__)
+
+LOCK_POLL_S = 0.1  # how often a waiting job tries the lock again (and checks for Ctrl-C)
 
 KEY_VERSION = 2  # bump when the key's ingredients change (2: module settings, not repr)
 
@@ -99,3 +115,63 @@ class Phase1Cache:
     def save(self, body: nn.Module) -> None:
         state = {k: v.detach().cpu() for k, v in body.state_dict().items()}
         atomic_write(self.path, lambda f: torch.save(state, f), binary=True)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_suffix(".lock")
+
+    @contextmanager
+    def lock(self, stop: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Hold the entry's lock for the block, so that one process at a time trains (or loads)
+        this phase 1. While another process holds it, log that this one waits, and try again
+        every LOCK_POLL_S seconds; KeyboardInterrupt when `stop()` turns true meanwhile (Ctrl-C
+        or SIGTERM, which bioexp's handler only records). The lock is released when the block
+        ends, however it ends, and by the operating system when the process dies."""
+        handle = self._open_lock_file()
+        if handle is None:
+            yield
+            return
+        with handle:
+            locked = self._acquire(handle, stop)
+            try:
+                yield
+            finally:
+                if locked:
+                    fcntl.flock(handle, fcntl.LOCK_UN)  # closing the file would do it too
+
+    def _open_lock_file(self) -> TextIO | None:
+        """The lock file, open; None where there are no locks (no fcntl) or it cannot be made."""
+        if fcntl is None:
+            return None
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            return open(self.lock_path, "a")  # noqa: SIM115  (`lock` closes it)
+        except OSError as exc:
+            log.warning("cannot open the phase-1 lock %s (%s); going on without it",
+                        self.lock_path, exc.strerror or exc)
+            return None
+
+    def _acquire(self, handle: TextIO, stop: Callable[[], bool] | None) -> bool:
+        """Take the lock, waiting as `lock` says; False when the file system has no locks."""
+        waiting_since = None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # another process holds it
+                pass
+            except OSError as exc:  # a file system without locks (some network mounts)
+                log.warning("cannot lock %s (%s); going on without the phase-1 lock",
+                            self.lock_path, exc.strerror or exc)
+                return False
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.info("waiting for another job training the same phase 1 (%s)",
+                         self.lock_path)
+            if stop is not None and stop():
+                raise KeyboardInterrupt("stopped while waiting for the phase-1 lock")
+            time.sleep(LOCK_POLL_S)
+        if waiting_since is not None:
+            log.info("the other job released the phase-1 lock after %.1f s",
+                     time.monotonic() - waiting_since)
+        return True

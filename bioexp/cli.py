@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bioexp import __version__
-from bioexp.errors import BioexpError
+from bioexp.errors import BioexpError, ConfigError
 
 COMMANDS = {
     "train": "train a model: bioexp train [hydra overrides], e.g. model=cnn data=mnist seed=1",
@@ -80,12 +80,12 @@ def resume_arguments(args: Sequence[str]) -> list[str]:
     for arg in args:
         key = arg.split("=", 1)[0].lstrip("+~")
         if arg in ("-m", "--multirun"):
-            _fail("resume= continues one run; to resume a sweep, run the same multirun again "
-                  "with the same hydra.sweep.dir")
+            raise ConfigError("resume= continues one run; to resume a sweep, run the same "
+                              "multirun again with the same hydra.sweep.dir")
         if not (key in RESUME_FREE_KEYS or key.startswith("hydra") or arg.startswith("-")):
-            _fail(f"resume= continues the run with its own config; drop {arg}")
+            raise ConfigError(f"resume= continues the run with its own config; drop {arg}")
     if not Path(folder).is_dir():
-        _fail(f"resume={folder}: no such run folder")
+        raise ConfigError(f"resume={folder}: no such run folder")
     return [*args, f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
 
 

@@ -27,7 +27,15 @@ from torch.utils.flop_counter import FlopCounterMode
 import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.data import Dataset, Split, load_dataset
 from bioexp.errors import ConfigError
-from bioexp.records import CHECKPOINT, SUMMARY, load_checkpoint, read_json, write_json
+from bioexp.records import (
+    CHECKPOINT,
+    METRICS,
+    SUMMARY,
+    load_checkpoint,
+    read_json,
+    read_metrics,
+    write_json,
+)
 from bioexp.registry import build_model, parameter_counts
 from bioexp.robustness import EVAL_DIR, write_fgsm
 
@@ -45,6 +53,11 @@ class TrainedRun:
     @property
     def name(self) -> str:
         return f"{self.cfg.model.name} ({self.path.name})"
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows of the run's metrics.jsonl, one per evaluation, as the folder holds them."""
+        return read_metrics(self.path / METRICS)
 
 
 def read_weights(path: Path) -> dict[str, Any]:

@@ -117,6 +117,17 @@ def learns_locally(model: nn.Module, schedule: Schedule) -> list[nn.Module]:
 
 
 def phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
+    """Phase 1 from its start holds the cache entry's lock while it looks in the cache and,
+    on a miss, trains and saves, so that parallel jobs needing the same entry train it once:
+    the others wait, then load it. A resumed phase 1 never waits (it cannot use the entry)."""
+    if cache is None or state.pos != Position():
+        train_phase1(job, state, cache)
+        return
+    with cache.lock(state.stop):
+        train_phase1(job, state, cache)
+
+
+def train_phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
     """The local rules learn without labels; the body is then saved to (or came from) the
     phase-1 cache."""
     model, unsup, train = job.model, job.schedule.unsupervised, job.data.train
