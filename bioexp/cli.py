@@ -50,7 +50,7 @@ PLUGINS = {
     **{("hydra/launcher", name): ("hydra_plugins.hydra_joblib_launcher", "sweep")
        for name in ("parallel", "joblib")},
     **{("hydra/launcher", name): ("hydra_plugins.hydra_submitit_launcher", "slurm")
-       for name in ("slurm", "submitit_local", "submitit_slurm")},
+       for name in ("slurm", "slurm_gpu", "submitit_local", "submitit_slurm")},
     ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
     ("sweep", "krotov_optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
 }
@@ -68,10 +68,45 @@ def missing_plugin(args: Sequence[str]) -> str | None:
     return None
 
 
+def register_resolvers() -> None:
+    """The resolvers of conf/hydra/launcher/slurm.yaml: `${bioexp.gpus:${device}}` asks SLURM for
+    one GPU when the run's device is CUDA (none for cpu and auto), `${bioexp.cpus:${threads}}` for
+    as many cores as the run's torch threads (1 when threads is null)."""
+    from omegaconf import OmegaConf
+
+    resolvers = {"bioexp.gpus": lambda device: int(str(device).startswith("cuda")),
+                 "bioexp.cpus": lambda threads: 1 if threads is None else int(threads)}
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+class SacctOnce(logging.Filter):
+    """submitit asks `sacct` for the states of its SLURM jobs now and then. On a cluster that keeps
+    no job accounting every call fails with the same warning; this filter on the `submitit`
+    logger says so once, in words, and drops the repeats (submitit still sees each job end by
+    its result file)."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Bypassing sacct error" not in str(record.msg):
+            return True
+        if self.said:
+            return False
+        self.said = True
+        detail = record.getMessage().split("Bypassing sacct error", 1)[1].split(", status")[0]
+        record.msg = ("sacct failed (%s), so SLURM's job states are unknown here (a cluster "
+                      "without job accounting?); submitit follows the jobs by their result "
+                      "files, and later sacct failures are not logged")
+        record.args = (detail.strip(),)
+        return True
+
+
 def resume_arguments(args: Sequence[str]) -> list[str]:
     """`resume=FOLDER` continues that run in that folder, with its own config: Hydra is told to
     log there and to leave its .hydra files alone. Anything that would change the run is a
-    mistake, named in one line."""
+    mistake, named in one line (ConfigError, so that `bioexp.run` can say it too)."""
     folder = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
     if not folder:
         return list(args)
@@ -96,6 +131,8 @@ def train_command(args: Sequence[str]) -> None:
     if problem:
         _fail(problem)
     sys.argv = ["bioexp train", *resume_arguments(args)]
+    register_resolvers()
+    logging.getLogger("submitit").addFilter(SacctOnce())
     from bioexp.train import FAILED_JOBS
     from bioexp.train import main as hydra_main
 

@@ -468,6 +468,43 @@ class SweepTable(Callback):
         log.info("%d runs in %s:\n%s", len(runs), sweep_dir, text_table(run_table(runs)))
 
 
+@contextmanager
+def checkpoint_before_requeue() -> Iterator[None]:
+    """In a job that submitit started (hydra/launcher=slurm), submitit's signal before the time
+    limit or at pre-emption (SIGUSR2) would requeue the job at once, wherever training is. Here
+    it stops the run as SIGTERM does, at the next batch boundary with a checkpoint, and only then
+    hands over to submitit, which requeues the job; the requeued job resumes the run."""
+    submitit = sys.modules.get("submitit")
+    sig = submitit.JobEnvironment._usr_sig() if submitit is not None else None
+    requeue = signal.getsignal(sig) if sig is not None else None
+    if not type(getattr(requeue, "__self__", None)).__module__.startswith("submitit"):
+        yield
+        return
+    caught: list[int] = []
+
+    def handle(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        stop = signal.getsignal(signal.SIGTERM)
+        if isinstance(getattr(stop, "__self__", None), StopRequest):
+            stop(signum, frame)  # training: stop after this batch, with a checkpoint
+        else:
+            requeue(signum, frame)  # not training: requeue now
+
+    try:
+        signal.signal(sig, handle)
+    except ValueError:  # not the main thread: submitit's handler stays
+        yield
+        return
+    try:
+        yield
+    except KeyboardInterrupt:
+        if caught:
+            requeue(caught[0], None)  # requeues the job and exits
+        raise
+    finally:
+        signal.signal(sig, requeue)
+
+
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns `objective(summary)` (NaN when the run did not complete)."""
@@ -478,7 +515,8 @@ def main(cfg: DictConfig) -> float:
         if cfg.get("resume"):
             run_dir = Path(cfg.resume)
             cfg = resumed_config(run_dir, cfg, hydra_cfg.overrides.task)
-        summary = run(cfg, run_dir)
+        with checkpoint_before_requeue():
+            summary = run(cfg, run_dir)
     except BioexpError as exc:
         log.error("error: %s", exc)
         if not multirun:

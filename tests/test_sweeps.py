@@ -47,11 +47,20 @@ def test_submitit_local_runs_each_job_in_its_own_process(bioexp, tmp_path: Path)
 
 def test_slurm_launcher_config_carries_the_cluster_settings(make_cfg) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = make_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", hydra=True)
+    from bioexp.cli import register_resolvers
+
+    register_resolvers()
+    cfg = make_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "threads=3",
+                   hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 0  # device=auto: no GPU
+    assert launcher.cpus_per_task == 3 and launcher.mem_gb > 0
     assert launcher.timeout_min > 0 and launcher.array_parallelism > 0
+    for overrides in (("device=cuda",), ("hydra/launcher=slurm_gpu",)):
+        gpu = make_cfg("hydra/launcher=slurm", *overrides, hydra=True).hydra.launcher
+        assert gpu.gpus_per_node == 1
+    assert make_cfg("hydra/launcher=slurm", hydra=True).hydra.launcher.cpus_per_task == 1
 
 
 def test_optuna_searches_and_maximises_validation_accuracy(bioexp, tmp_path: Path) -> None:
