@@ -305,3 +305,29 @@ def plot_confusion(counts: torch.Tensor, path: Path, title: str = "",
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     _save(fig, path)
     return path
+
+
+def plot_leaderboard(rows: Sequence[tuple[str, float, float | None, bool]], path: Path,
+                     title: str = "") -> Path:
+    """One horizontal bar per (label, mean, std, is_control), best at the top: mean test
+    accuracy with its standard deviation as an error bar and the value beside it; random-feature
+    controls hatched in grey, so that each family can be read against its own."""
+    rows = sorted(rows, key=lambda row: row[1])
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
+    y = np.arange(len(rows))
+    colors = ["0.75" if control else "tab:blue" for *_, control in rows]
+    ax.barh(y, [row[1] for row in rows], xerr=[row[2] or 0.0 for row in rows], color=colors,
+            hatch=None, capsize=2, edgecolor="0.3", linewidth=0.5)
+    for bar, (*_, control) in zip(ax.patches, rows, strict=True):
+        if control:
+            bar.set_hatch("///")
+    for i, (_, mean, _, _) in enumerate(rows):
+        ax.text(mean + 0.01, i, f"{mean:.3f}", va="center", fontsize=8)
+    ax.set_yticks(y, [row[0] for row in rows], fontsize=8)
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("test accuracy (mean over seeds; grey, hatched: random-feature controls)")
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+    return path

@@ -9,6 +9,7 @@ import re
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -301,20 +302,30 @@ def test_a_warning_names_a_handful_of_keys() -> None:
     assert mixed_groups(runs, ["model.k0"]) == []  # one run per group
 
 
-def test_grouping_by_model_keeps_controls_apart_and_scores_against_the_stronger(tmp_path):
-    from bioexp.compare import find_runs, group_table, with_control
+CONTROL_SCORES = {("krotov_fc", None): [0.87, 0.88],
+                  ("krotov_fc", "random_features"): [0.83, 0.83],
+                  ("krotov_fc", "gaussian_features"): [0.85, 0.86],
+                  ("semihebb", None): [0.80, 0.81], ("semihebb", "random_features"): [0.83, 0.82],
+                  ("bp_mlp", None): [0.9, 0.9]}
 
-    scores = {("krotov_fc", None): [0.87, 0.88], ("krotov_fc", "random_features"): [0.83, 0.83],
-              ("krotov_fc", "gaussian_features"): [0.85, 0.86], ("bp_mlp", None): [0.9, 0.9]}
+
+def write_control_runs(root: Path, scores: dict = CONTROL_SCORES) -> None:
+    """Finished run folders (config, summary) of models and their controls, one per score."""
     for (model, control), values in scores.items():
         for seed, acc in enumerate(values):
-            folder = tmp_path / f"{model}_{control}_{seed}"
+            folder = root / f"{model}_{control}_{seed}"
             (folder / ".hydra").mkdir(parents=True)
             (folder / ".hydra" / "config.yaml").write_text(
                 f"model:\n  name: {model}\ncontrol: {control or 'null'}\nseed: {seed}\n")
             (folder / "summary.json").write_text(json.dumps({
                 "status": "completed", "model": model, "control": control, "test_acc": acc,
-                "parameters": {"trainable": 1234, "other": 0}}))
+                "parameters": {"trainable": 1234, "other": 0}, "wall_time_s": 10.0}))
+
+
+def test_grouping_by_model_keeps_controls_apart_and_scores_against_the_stronger(tmp_path):
+    from bioexp.compare import find_runs, group_table, with_control
+
+    write_control_runs(tmp_path)
     runs = find_runs(tmp_path)
     by = with_control(runs, ["model"])
     assert by == ["model", "control"]
@@ -326,3 +337,18 @@ def test_grouping_by_model_keeps_controls_apart_and_scores_against_the_stronger(
     assert rows[("bp_mlp", "None")]["vs control"] is None  # no control to beat
     assert trained["params"] == 1234
     assert with_control([r for r in runs if r.value("control") is None], ["model"]) == ["model"]
+
+
+def test_benchmark_report_states_which_families_beat_their_controls(tmp_path):
+    write_control_runs(tmp_path / "runs")
+    script = Path(__file__).parent.parent / "scripts" / "benchmark_report.py"
+    out = tmp_path / "docs" / "benchmark.md"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), "--out",
+                             str(out), "--plot", str(tmp_path / "docs" / "bench.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    page = out.read_text()
+    assert "`krotov_fc` beats its stronger control (+2.00 points" in page
+    assert "`semihebb` does not beat its stronger control (-2.00 points" in page
+    assert re.search(r"\| semihebb +\| random_features +\| 0\.8250 ", page)
+    assert (tmp_path / "docs" / "bench.png").stat().st_size > 0
