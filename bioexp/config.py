@@ -24,6 +24,11 @@ LOCAL_LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
 # control=...: the model's local-rule layers untrained, at their own initial weights or Gaussian.
 CONTROLS = ("random_features", "gaussian_features")
 INPUT_SCALES = ("unit", "symmetric")
+# precision=...: fp32 everywhere; TF32 matmuls and convolutions on CUDA; bf16 autocast of the
+# supervised steps (CPU or CUDA). Local rules and evaluation stay fp32 (TF32 under tf32).
+PRECISIONS = ("fp32", "tf32", "bf16")
+# Settings that exist on CUDA alone: asked for on the CPU, they are a one-line error.
+CUDA_ONLY = {"cuda_graphs": True, "precision": "tf32"}
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -214,7 +219,7 @@ def model_hyperparameters(cfg: DictConfig) -> dict[str, Any]:
 
 
 # Top-level keys that may differ between a run and its resumption: they change no result.
-RESUME_FREE_KEYS = ("resume", "progress", "threads", "checkpoint_every_min")
+RESUME_FREE_KEYS = ("resume", "progress", "threads", "checkpoint_every_min", "cuda_graphs")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -231,6 +236,7 @@ def validate(cfg: DictConfig) -> None:
     check_int(cfg, "threads", minimum=1, nullable=True)
     check_number(cfg, "checkpoint_every_min", low=0)
     check_strengths(cfg, "fgsm")
+    check_numerics(cfg, device)
 
     check_int(cfg, "data.train_limit", minimum=1, nullable=True)
     check_int(cfg, "data.test_limit", minimum=1, nullable=True)
@@ -256,6 +262,27 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(target, str) or not target:
             raise ConfigError(f"{group} must name a class with _target_ (e.g. {group}="
                               f"{'adam' if group == 'optimizer' else 'cosine'}), got {target!r}")
+
+
+def check_numerics(cfg: DictConfig, device: str) -> None:
+    """`precision` and `cuda_graphs`; the CUDA-only settings are refused for a run on the CPU
+    (device=cpu, or auto without CUDA) rather than silently ignored."""
+    if "precision" in cfg:
+        check_choice(cfg, "precision", PRECISIONS)
+    if "cuda_graphs" in cfg:
+        check_bool(cfg, "cuda_graphs")
+    asked = [f"{key}={cfg.get(key)}".replace("True", "true") for key, value in CUDA_ONLY.items()
+             if cfg.get(key) == value]
+    if not asked or device.startswith("cuda"):
+        return
+    if device == "auto":
+        import torch  # only here: the rest of the checks need no torch
+
+        if torch.cuda.is_available():
+            return
+    raise ConfigError(f"{' and '.join(asked)} need{'s' if len(asked) == 1 else ''} CUDA, but "
+                      f"this run is on the CPU (device={device}); leave "
+                      f"{'it' if len(asked) == 1 else 'them'} out, or use device=cuda")
 
 
 # Keys of earlier versions, and what replaced them: `bioexp train` names the new key.

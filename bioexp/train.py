@@ -337,6 +337,7 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
     schedule = Schedule.from_cfg(cfg)
     counts = parameter_counts(model)
     recorder.update_summary(control=cfg.get("control"), device=str(device),
+                            precision=cfg.get("precision"), cuda_graphs=cfg.get("cuda_graphs"),
                             data_origin=data.origin,
                             input_shape=list(data.input_shape), num_classes=data.num_classes,
                             parameters={"trainable": counts["trainable"],

@@ -73,6 +73,26 @@ def test_layer_update_reuses_its_output_as_the_current_exactly() -> None:
     assert layer.wins.sum().item() == 16  # one winner per sample
 
 
+@pytest.mark.parametrize(("p", "k", "batch", "hidden"), [
+    (2.0, 2, 256, 300), (3.0, 7, 100, 300), (2.0, 2, 400, 8)])  # some units; all units
+def test_host_sync_free_step_equals_todays_step_over_20_steps(p: float, k: int, batch: int,
+                                                              hidden: int) -> None:
+    # krotov_full (fixed shapes, CUDA's step) against krotov_rows (the row gather): the same
+    # weights and win counts, on the CPU bit for bit.
+    data = torch.rand(20 * batch, 784, generator=torch.Generator().manual_seed(3))
+    layers = []
+    for fixed in (False, True):
+        torch.manual_seed(0)
+        layer = KrotovLayer(784, hidden, p, k)
+        layer._fixed_shapes, layer._two_max = fixed, False
+        with torch.no_grad():
+            for v in data.split(batch):
+                layer.local_update(v, layer(v), 0.02)
+        layers.append(layer)
+    assert torch.equal(layers[0].weight, layers[1].weight)
+    assert torch.equal(layers[0].wins, layers[1].wins)
+
+
 def test_phase1_learning_rate_is_annealed_linearly() -> None:
     phase = UnsupervisedPhase(4, 100, 0.04, "linear")
     assert [phase.lr_at(e) for e in range(4)] == pytest.approx([0.04, 0.03, 0.02, 0.01])

@@ -5,12 +5,22 @@ step on the device, so a NaN (or an exploding loss) is found at the end of the e
 with the exact step it first appeared in. A supervised step is the model's own
 (`model.train_step(x, y, optimizer)`, see `bioexp.models.base.Classifier`), so a family that
 trains differently from backprop needs no special case here.
+
+On CUDA nothing in a loop waits for the host between batches (no `.item()`, no branch on a
+tensor's value), and the phases' numerics apply here: `numerics` allows TF32 (`precision=tf32`)
+for an epoch and restores the setting after it, `precision=bf16` runs each supervised step under
+bf16 autocast (on the CPU too), and `cuda_graphs=true` captures an unsupervised epoch's
+local-rule steps in one CUDA graph (`EpochGraph`), replayed every epoch with that epoch's batch
+order and rate. Evaluation stays in fp32.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -23,6 +33,8 @@ from bioexp.engine.schedule import SupervisedPhase, UnsupervisedPhase
 # A batch loss this many times the untrained model's (at least 1) is divergence, not learning.
 DIVERGENCE_FACTOR = 100.0
 NONFINITE = "values became NaN or infinite"
+
+log = logging.getLogger(__name__)
 
 # after_batch(batches_done, partial): called after every training batch; `partial()` gives the
 # epoch's running totals so far, for a checkpoint written in the middle of the epoch.
@@ -55,21 +67,127 @@ def _bar(total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm:
                 dynamic_ncols=True, initial=initial)
 
 
+@contextmanager
+def numerics(device: torch.device, tf32: bool) -> Iterator[None]:
+    """Within the block, CUDA float32 matmuls and convolutions may use TF32 when `tf32` (the
+    setting is restored after it). The CPU has no TF32: there this does nothing."""
+    if not tf32 or device.type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):  # torch 2.9 and later
+        before = (matmul.fp32_precision, conv.conv.fp32_precision)
+        matmul.fp32_precision = conv.conv.fp32_precision = "tf32"
+    else:
+        before = (matmul.allow_tf32, conv.allow_tf32)
+        matmul.allow_tf32 = conv.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision, conv.conv.fp32_precision = before
+        else:
+            matmul.allow_tf32, conv.allow_tf32 = before
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for `precision=bf16` (CPU or CUDA); otherwise no autocast at all."""
+    if precision != "bf16":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class EpochGraph:
+    """An unsupervised epoch's local-rule steps, captured once in a CUDA graph and replayed.
+
+    Static inputs: the epoch's batch order (`order`, the permutation `Split.batches` draws from
+    the same generator) and the rate (`lr`, a 0-d tensor the layers read inside the graph). The
+    training images stay where they are; each captured batch gathers its rows from them. Every
+    local layer must say `graph_capturable` (no host sync in its step). Capture runs one batch of
+    each shape first on a side stream (warm-up), then restores the body's state."""
+
+    def __init__(self, body: nn.Module, split: Split, batch_size: int, tf32: bool):
+        self.key = (split.x.data_ptr(), len(split), batch_size, tf32)
+        device = split.x.device
+        self.order = torch.zeros(len(split), dtype=torch.long, device=device)
+        self.lr = torch.zeros((), device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        saved = {k: v.clone() for k, v in body.state_dict().items()}
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._steps(body, split, batch_size, warm_up=True)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        body.load_state_dict(saved)  # copies into the same storage: the graph's addresses
+        with torch.cuda.graph(self.graph):
+            self._steps(body, split, batch_size)
+
+    def _steps(self, body: nn.Module, split: Split, batch_size: int,
+               warm_up: bool = False) -> None:
+        starts = list(range(0, len(split), batch_size))
+        if warm_up:  # one full batch and the last (maybe partial) one: every shape once
+            starts = sorted({starts[0], starts[-1]})
+        with local_learning(body, lambda: self.lr), torch.no_grad():
+            for start in starts:
+                body(split.x[self.order[start:start + batch_size]])
+
+    def replay(self, generator: torch.Generator, lr: float) -> None:
+        n = len(self.order)
+        self.order.copy_(torch.randperm(n, generator=generator), non_blocking=False)
+        self.lr.fill_(lr)
+        self.graph.replay()
+
+
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, EpochGraph] = weakref.WeakKeyDictionary()
+_EAGER: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # bodies told cuda_graphs cannot apply
+
+
+def epoch_graph(body: nn.Module, split: Split, phase: UnsupervisedPhase,
+                skip: int) -> EpochGraph | None:
+    """The body's captured epoch when `cuda_graphs` applies: CUDA, an epoch from its start, and
+    local layers that can be captured; None (eager) otherwise, with one log line why."""
+    if not phase.cuda_graphs or skip > 0:
+        return None
+    layers = local_layers(body)
+    if split.x.device.type != "cuda" or not all(getattr(m, "graph_capturable", False)
+                                                for m in layers):
+        if body not in _EAGER:
+            _EAGER.add(body)
+            log.warning("cuda_graphs=true has no effect here (%s): the epochs run eagerly",
+                        "not on CUDA" if split.x.device.type != "cuda"
+                        else "a local layer's step cannot be captured")
+        return None
+    graph = _GRAPHS.get(body)
+    if graph is None or graph.key != (split.x.data_ptr(), len(split), phase.batch_size,
+                                      phase.tf32):
+        graph = _GRAPHS[body] = EpochGraph(body, split, phase.batch_size, phase.tf32)
+    return graph
+
+
 def unsupervised_epoch(body: nn.Module, split: Split, phase: UnsupervisedPhase, epoch: int,
                        generator: torch.Generator, progress: bool, skip: int = 0,
                        after_batch: AfterBatch | None = None) -> None:
     """One pass of the local rules of `body` over the training images; labels are never read.
-    `skip` resumes the epoch after that many batches of the same order."""
+    `skip` resumes the epoch after that many batches of the same order. With `cuda_graphs` on
+    CUDA the epoch is one graph replay (`after_batch` then runs once, at its end)."""
     lr = phase.lr_at(epoch)
     n_batches = math.ceil(len(split) / phase.batch_size)
-    with local_learning(body, lambda: lr), torch.no_grad(), \
+    with numerics(split.x.device, phase.tf32), \
             _bar(n_batches, f"unsupervised {epoch + 1}/{phase.epochs}", progress, skip) as bar:
-        for done, (x, _) in enumerate(split.batches(phase.batch_size, generator, skip),
-                                      start=skip + 1):
-            body(x)
-            bar.update()
+        graph = epoch_graph(body, split, phase, skip)
+        if graph is not None:
+            graph.replay(generator, lr)
+            bar.update(n_batches)
             if after_batch is not None:
-                after_batch(done, lambda: None)
+                after_batch(n_batches, lambda: None)
+        else:
+            with local_learning(body, lambda: lr), torch.no_grad():
+                for done, (x, _) in enumerate(split.batches(phase.batch_size, generator, skip),
+                                              start=skip + 1):
+                    body(x)
+                    bar.update()
+                    if after_batch is not None:
+                        after_batch(done, lambda: None)
     if any(holds_nonfinite(layer) for layer in local_layers(body)):
         raise Diverged(phase.name, epoch + 1, None)
 
@@ -97,10 +215,12 @@ def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: 
     def totals(done: int) -> dict:
         return {"losses": losses[:done].cpu(), "sums": {k: v.cpu() for k, v in sums.items()}}
 
-    with _bar(n_batches, f"supervised {epoch + 1}/{phase.epochs}", progress, skip) as bar:
+    with _bar(n_batches, f"supervised {epoch + 1}/{phase.epochs}", progress, skip) as bar, \
+            numerics(device, phase.precision == "tf32"):
         for step, (x, y) in enumerate(split.batches(phase.batch_size, generator, skip),
                                       start=skip):
-            metrics = model.train_step(x, y, optimizer)
+            with autocast(device, phase.precision):
+                metrics = model.train_step(x, y, optimizer)
             losses[step] = metrics.pop("loss") * len(y)
             for name, value in metrics.items():
                 value = value if name == "correct" else value * len(y)

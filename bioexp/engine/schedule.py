@@ -4,7 +4,9 @@ Phase 1 (`UnsupervisedPhase`) trains local-rule layers at a rate that follows a 
 (Krotov & Hopfield 2019 anneal theirs linearly to zero). Phase 2 (`SupervisedPhase`) trains with
 a torch optimiser and a torch learning-rate scheduler, both built from the Hydra config groups
 `optimizer` and `lr_schedule` (`_target_: torch.optim.Adam`, `torch.optim.lr_scheduler.*`), so
-any torch optimiser or scheduler works without code. The scheduler steps once per epoch.
+any torch optimiser or scheduler works without code. The scheduler steps once per epoch. The
+top-level keys `precision` and `cuda_graphs` reach the phases here (`tf32`, `cuda_graphs`,
+`precision`); the loops apply them (`bioexp.engine.loops.numerics`).
 
 The four named schedules are closed forms of the epoch (`Constant`, `Linear`, `Cosine`,
 `Exponential`): the supervised configs hand them to `torch.optim.lr_scheduler.LambdaLR`, which
@@ -83,6 +85,8 @@ class UnsupervisedPhase:
     lr: float
     lr_schedule: str = "constant"  # constant | linear | cosine | exponential
     lr_decay: float = 0.95  # per epoch, for the exponential schedule
+    tf32: bool = False  # CUDA matmuls in TF32 (precision=tf32); no effect on the CPU
+    cuda_graphs: bool = False  # on CUDA, replay each epoch's local-rule steps as one CUDA graph
     name: ClassVar[str] = "unsupervised"
 
     def lr_at(self, epoch: int, epochs: int | None = None) -> float:
@@ -107,6 +111,7 @@ class SupervisedPhase:
     optimizer: OptimizerFactory = field(default=adam, compare=False)
     lr_schedule: SchedulerFactory | None = field(default=None, compare=False)
     grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
+    precision: str = "fp32"  # fp32 | tf32 (CUDA matmuls and convolutions) | bf16 (autocast)
     name: ClassVar[str] = "supervised"
 
 
@@ -125,8 +130,13 @@ class Schedule:
             ("unsupervised", UnsupervisedPhase), ("supervised", SupervisedPhase)))
         optimizer = instantiate_group(cfg, "optimizer")
         lr_schedule = instantiate_group(cfg, "lr_schedule") if cfg.get("lr_schedule") else None
-        return cls(cfg.schedule.name, UnsupervisedPhase(**unsup),
-                   SupervisedPhase(**sup, optimizer=optimizer, lr_schedule=lr_schedule),
+        precision = cfg.get("precision") or "fp32"
+        # bf16 autocast is for the backprop steps: local rules keep fp32 (TF32 with tf32 only).
+        return cls(cfg.schedule.name,
+                   UnsupervisedPhase(**unsup, tf32=precision == "tf32",
+                                     cuda_graphs=bool(cfg.get("cuda_graphs", False))),
+                   SupervisedPhase(**sup, optimizer=optimizer, lr_schedule=lr_schedule,
+                                   precision=precision),
                    local_rules=cfg.get("control") is None)
 
 

@@ -10,6 +10,11 @@ When B itself requires grad, its gradient is W's: that is Kolen-Pollack learning
 1994; Akrout et al. 2019, "Deep learning without weight transport", NeurIPS), in which the
 optimiser gives B the same update as W, weight decay included, so B comes to equal W without
 ever reading it.
+
+Under autocast (`precision=bf16`) the forward pass runs in bf16 and so does the error that comes
+back; the backward passes compute in the error's dtype (B and the saved input are cast to it,
+as autocast casts W for a plain layer), and autograd returns each gradient in its input's dtype.
+In fp32 the casts are no-ops. Nothing here waits for the host.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class LinearFeedback(torch.autograd.Function):
         x, feedback = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         needs = ctx.needs_input_grad
+        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)  # bf16 under autocast
         if needs[0]:
             grad_x = grad_out @ feedback  # (..., out) @ (out, in) -> (..., in)
         if needs[1] or needs[3]:
@@ -58,6 +64,7 @@ class Conv2dFeedback(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, feedback = ctx.saved_tensors
+        x, feedback = x.to(grad_out.dtype), feedback.to(grad_out.dtype)  # bf16 under autocast
         stride, padding, dilation, groups = ctx.conv
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1] or needs[3], ctx.bias_shape is not None and needs[2]]
@@ -104,6 +111,6 @@ class DirectFeedback(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         feedbacks = ctx.saved_tensors
         # (B, C) @ (C, prod(hidden shape)) -> hidden shape
-        grads = [(grad_out @ fb).view(shape) for fb, shape in zip(feedbacks, ctx.shapes,
-                                                                    strict=True)]
+        grads = [(grad_out @ fb.to(grad_out.dtype)).view(shape)
+                 for fb, shape in zip(feedbacks, ctx.shapes, strict=True)]
         return (grad_out, None, *([None] * len(feedbacks)), *grads)

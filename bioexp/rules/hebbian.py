@@ -68,22 +68,48 @@ class Oja(HebbianRule):
         return (x - y @ w.T).T @ y, state  # (D, B) @ (B, H)
 
 
-def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+# How `kth_smallest` selects on a GPU: "kthvalue" (radix select) or "topk" (the smallest k, or
+# the largest n - k + 1, and the last of them). Both are exact and stay on the device (no host
+# round trip); scripts/gpu_check.py measures them on the Gupta shapes.
+GPU_SELECT = "kthvalue"
+
+
+def kth_smallest(values: torch.Tensor, k: int, dim: int | None = None,
+                 select: str | None = None) -> torch.Tensor:
     """The k-th smallest entry (1-based) of `values`, overall or along `dim` (kept as size 1).
 
     On the CPU, NumPy's introselect (`np.partition`) is about eight times faster than
-    `torch.kthvalue`, which also tracks indices; on a GPU, `torch.kthvalue` selects by radix.
-    `scripts/bench_hebbian.py` measures both, and `torch.quantile` and sampling.
+    `torch.kthvalue`, which also tracks indices; on a GPU, `select` (default `GPU_SELECT`)
+    chooses `torch.kthvalue` or a `torch.topk`-based threshold, and the result stays a device
+    tensor. `scripts/bench_hebbian.py` measures the CPU's options, and `torch.quantile` and
+    sampling.
     """
-    if values.device.type == "cpu":
+    if values.device.type == "cpu" and select is None:
         array = values.detach().numpy()
         if dim is None:
             return torch.tensor(np.partition(array.ravel(), k - 1)[k - 1])
         picked = np.take(np.partition(array, k - 1, axis=dim), [k - 1], axis=dim)
         return torch.from_numpy(picked)
+    if (select or GPU_SELECT) == "topk":
+        return topk_threshold(values, k, dim)
     if dim is None:
         return values.flatten().kthvalue(k).values
     return values.kthvalue(k, dim=dim, keepdim=True).values
+
+
+def topk_threshold(values: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+    """The k-th smallest entry by `torch.topk`: the last of the k smallest, or of the n - k + 1
+    largest, whichever is fewer. Same result as `kth_smallest`."""
+    flat = values.flatten() if dim is None else values
+    axis = 0 if dim is None else dim
+    n = flat.shape[axis]
+    if k <= n - k + 1:
+        picked = flat.topk(k, dim=axis, largest=False).values  # ascending
+        last = picked.narrow(axis, k - 1, 1)
+    else:
+        picked = flat.topk(n - k + 1, dim=axis, largest=True).values  # descending
+        last = picked.narrow(axis, n - k, 1)
+    return last.squeeze(0) if dim is None else last
 
 
 def keep_top(update: torch.Tensor, percentile: float, dim: int | None = None) -> torch.Tensor:
@@ -162,7 +188,9 @@ class GuptaReference(HebbianRule):
         product = x.T @ y  # (D, H)
         total, steps = state["sum"], state["steps"]
         step = lr * product
-        if steps.item() > 0:
+        if steps.device.type != "cpu":  # no host round trip: at t = 1 the sum is zero
+            step = step - total / steps.clamp_min(1)
+        elif steps.item() > 0:
             step = step - total / steps
         return (reference_percentile(step, self.sparsity),
                 {"sum": total + product, "steps": steps + 1})

@@ -14,6 +14,19 @@ over the hidden units instead of a sort, `index_add_` of the samples into the ro
 units instead of a dense (H, B) matrix of g, only those rows of dS (all others are zero), and
 no power at all when p = 2. `krotov_update_dense` is the straightforward formula, kept as the
 reference for tests and benchmarks.
+
+`krotov_full` is the same dS with fixed shapes, for CUDA: it never waits for the host (no
+`unique`, no `.item()`, no branch on a tensor's value), so a whole epoch of it can be captured in a
+CUDA graph. The two chosen units' samples are scattered straight into the (H, D) rows of dS,
+
+    dS = zeros(H, D);  dS[win_b] += v_b;  dS[lose_b] -= delta v_b            (index_add_)
+    d  = zeros(H);     d[win_b]  += I_b,win;  d[lose_b] -= delta I_b,lose     (sum_b g * I)
+    dS = dS - d W                                                            (rows never chosen: 0)
+
+which costs two O(H D) passes more than gathering the chosen rows, and for k = 2 the two largest
+currents come from two max passes (the second over the currents with the winner masked to -inf)
+instead of a general top-k (`two_max`). On the CPU the row gather (`krotov_rows`) stays for
+batches smaller than the layer, where it wins: at batch 100 it touches at most 200 of 2000 rows.
 """
 
 from __future__ import annotations
@@ -61,6 +74,36 @@ def krotov_rows(v: torch.Tensor, w: torch.Tensor, p: float, k: int, delta: float
     return rows, torch.addcmul(ds, drive[:, None], w[rows], value=-1), winner
 
 
+def ranked(currents: torch.Tensor, k: int, two_max: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(winner's current, winner, k-th current, k-th unit), each (B,), of currents (B, H).
+
+    `two_max` with k = 2: a max pass, then a max pass over the currents with each sample's
+    winner set to -inf, instead of `topk`. Same values; on exact ties the lower unit wins."""
+    if two_max and k == 2:
+        first = currents.max(dim=1)
+        masked = currents.scatter(1, first.indices[:, None], float("-inf"))
+        second = masked.max(dim=1)
+        return first.values, first.indices, second.values, second.indices
+    top = currents.topk(k, dim=1)  # values and indices (B, k), ranks 1..k
+    return top.values[:, 0], top.indices[:, 0], top.values[:, k - 1], top.indices[:, k - 1]
+
+
+def krotov_full(v: torch.Tensor, w: torch.Tensor, p: float, k: int, delta: float,
+                currents: torch.Tensor | None = None, two_max: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dS (H, D), winners (B,)) with fixed shapes and no host sync; see the module's notes.
+    Equal to `krotov_update` (on the CPU bit for bit, with `two_max` off and no ties)."""
+    if currents is None:
+        currents = v @ powered(w, p).T  # (B, H)
+    win_value, winner, lose_value, loser = ranked(currents, k, two_max)
+    ds = torch.zeros_like(w)
+    ds.index_add_(0, winner, v).index_add_(0, loser, v, alpha=-delta)  # g V, straight into H rows
+    drive = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)  # sum_b g * I, per unit
+    drive.index_add_(0, winner, win_value).index_add_(0, loser, lose_value, alpha=-delta)
+    return torch.addcmul(ds, drive[:, None], w, value=-1), winner
+
+
 def krotov_update(v: torch.Tensor, w: torch.Tensor, p: float, k: int, delta: float,
                   currents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dS, winners), with dS the full (H, D) matrix; see `krotov_rows`."""
@@ -82,7 +125,12 @@ def krotov_update_dense(v: torch.Tensor, w: torch.Tensor, p: float, k: int,
     return g @ v - (g * currents).sum(dim=1, keepdim=True) * w
 
 
-def normalized_step(ds: torch.Tensor, eps: float, precision: float = 1e-30) -> torch.Tensor:
-    """eps * dS / max|dS|, the maximum floored at `precision` (zero rows do not change it)."""
+def normalized_step(ds: torch.Tensor, eps: float | torch.Tensor,
+                    precision: float = 1e-30) -> torch.Tensor:
+    """eps * dS / max|dS|, the maximum floored at `precision` (zero rows do not change it).
+
+    `eps` may be a 0-d tensor on dS's device (a CUDA graph replays with a rate it holds there);
+    either way the scale is (1 / max|dS|) * eps, which is what `float / tensor` computes, so a
+    float and a float32 tensor of the same rate give the same step bit for bit."""
     largest = torch.linalg.vector_norm(ds, ord=float("inf"))
-    return ds * (eps / largest.clamp_min(precision))
+    return ds * (largest.clamp_min(precision).reciprocal() * eps)
