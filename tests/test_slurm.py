@@ -20,10 +20,11 @@ from bioexp.records import read_json, read_metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
 TIME_FIELDS = ("elapsed_s", "epoch_time_s", "samples_per_s")
-# Long enough to be interrupted mid-epoch (63 batches per epoch); dropout draws from the global
-# RNG, so only an exact resumption ends with the same metrics.
+# Long enough to be interrupted mid-epoch (63 batches per epoch), with epochs left after the
+# first one's metrics row appears (a job of 5 epochs once finished before its signal came); dropout
+# draws from the global RNG, so only an exact resumption ends with the same metrics.
 LONG = ("data=synthetic", "data.n_train=2000", "data.n_test=500", "model.dropout=0.2",
-        "schedule.supervised.epochs=5", "schedule.supervised.batch_size=32", "progress=false",
+        "schedule.supervised.epochs=15", "schedule.supervised.batch_size=32", "progress=false",
         "device=cpu", "threads=1")
 
 
