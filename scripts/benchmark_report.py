@@ -86,6 +86,10 @@ def main() -> None:
     keep = [i for i, name in enumerate(table.header) if name not in ("unsup/s", "sup/s")]
     table.header[:] = [table.header[i] for i in keep]
     table.rows[:] = [[row[i] for i in keep] for row in table.rows]
+    if "control" in table.header:  # a trained family reads better as "-" than as None
+        at = table.header.index("control")
+        for row in table.rows:
+            row[at] = "-" if row[at] in (None, "None") else row[at]
     accuracy = table.header.index("test_acc mean")
     table.rows.sort(key=lambda row: -(row[accuracy] or 0.0))
     statuses = Counter(r.status for r in runs)
@@ -118,8 +122,8 @@ def main() -> None:
         from bioexp.plots import plot_leaderboard
 
         std, n = table.header.index("std"), len(by)
-        bars = [(" ".join(str(v) for v in row[:n] if v not in (None, "None")), row[accuracy],
-                 row[std], n > 1 and row[1] not in (None, "None"))
+        bars = [(" ".join(str(v) for v in row[:n] if v != "-"), row[accuracy],
+                 row[std], n > 1 and row[1] != "-")
                 for row in table.rows if row[accuracy] is not None]
         plot_leaderboard(bars, opts.plot, title="Fashion-MNIST test accuracy")
         lines += ["", f"![mean test accuracy per row]({opts.plot.name})"]
