@@ -56,20 +56,32 @@ def machine_lines(runs) -> list[str]:
 
 
 def verdicts(table) -> list[str]:
-    """One sentence per trained local-rule family: its gain over its stronger control."""
+    """One sentence per trained local-rule family: its gain over its stronger control, and
+    whether that gain is larger than twice the seeds' spread (the two standard deviations
+    combined); a smaller one is no clear gain."""
     header = table.header
     if "vs control" not in header:
         return []
     col = {name: header.index(name) for name in header}
+    mean_of = {(row[col["model"]], row[col["control"]]): row for row in table.rows}
     lines = []
     for row in table.rows:
         gain = row[col["vs control"]]
         if gain is None:
             continue
         model = row[col["model"]]
-        word = "beats" if gain > 0 else "does not beat"
-        lines.append(f"- `{model}` {word} its stronger control ({gain * 100:+.2f} points of "
-                     "mean test accuracy)")
+        controls = [r for (m, c), r in mean_of.items() if m == model and c != "-"
+                    and r[col["test_acc mean"]] is not None]
+        rival = max(controls, key=lambda r: r[col["test_acc mean"]])
+        spread = 2 * ((row[col["std"]] or 0.0) ** 2 + (rival[col["std"]] or 0.0) ** 2) ** 0.5
+        points = f"{gain * 100:+.2f} points of mean test accuracy"
+        if abs(gain) <= spread:
+            lines.append(f"- `{model}` is within twice the seeds' spread of its stronger control, "
+                         f"`{rival[col['control']]}` ({points}): no clear gain")
+        else:
+            word = "beats" if gain > 0 else "does not beat"
+            lines.append(f"- `{model}` {word} its stronger control, `{rival[col['control']]}` "
+                         f"({points})")
     return lines
 
 
