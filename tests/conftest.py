@@ -77,6 +77,18 @@ def bioexp(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     return _run
 
 
+def train_here(*args: str) -> int:
+    """`bioexp train ARGS` in this process (so a family defined in a test file is registered);
+    its exit code."""
+    from bioexp.cli import main
+
+    try:
+        main(["train", *args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def output_of(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from conftest import train_here as train
 from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from bioexp import registry
-from bioexp.cli import main
 from bioexp.layers import LocalLayer
 from bioexp.models import Classifier
 from bioexp.records import read_json, read_metrics
@@ -93,13 +93,6 @@ def family(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     del store.repo["model"]["toy_family.yaml"]
 
 
-def train(*args: str) -> int:
-    """`bioexp train ARGS` in this process (the family lives here); its exit code."""
-    try:
-        main(["train", *args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def rows_without_time(run: Path) -> list[dict]:

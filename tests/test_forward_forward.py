@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY
+from conftest import train_here as train
 
 from bioexp.checks import preflight
-from bioexp.cli import main
 from bioexp.data import Split
 from bioexp.errors import ConfigError
 from bioexp.models.forward_forward import ForwardForward, embed_labels
@@ -162,12 +162,6 @@ def test_hard_negatives_are_wrong_labels() -> None:
     assert len(set(y_neg.tolist())) == 4
 
 
-def train(*args: str) -> int:
-    try:
-        main(["train", *args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_the_loss_falls_on_generated_data(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+from conftest import train_here as train
 
-from bioexp.cli import main
 from bioexp.config import model_hyperparameters
 from bioexp.engine import local_layers
 from bioexp.errors import ConfigError
@@ -185,13 +185,6 @@ def initial_layers(cfg) -> list:
     return local_layers(model)
 
 
-def train(*args: str) -> int:
-    """`bioexp train ARGS` in this process; its exit code."""
-    try:
-        main(["train", *args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_a_run_stopped_in_phase_1_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
