@@ -28,9 +28,8 @@ from typing import Any
 import yaml
 
 from bioexp.config import RESUME_FREE_KEYS, flatten
-from bioexp.records import read_json, read_metrics
+from bioexp.records import METRICS, SUMMARY, read_json, read_metrics
 
-SUMMARY = "summary.json"
 # Config groups shown as columns, and whether the run is a random-feature control (`control`).
 GROUPS = ("model", "control", "data", "schedule")
 PHASE_LABELS = {"unsupervised": "unsup", "supervised": "sup"}
@@ -237,16 +236,18 @@ def run_table(runs: list[Run]) -> Table:
 def efficiency_table(runs: list[Run], eps: list[float]) -> Table:
     """What `bioexp eval` measured, one row per run: accuracy under FGSM at 0 and 0.1 (or the
     first two strengths measured), forward MFLOP per sample, parameters trained by the
-    optimiser and held otherwise, and the run's time, per-phase throughput and peak memory."""
+    optimiser, by local rules and held otherwise (`registry.parameter_counts`), and the run's time,
+    per-phase throughput and peak memory."""
     shown = [e for e in (0.0, 0.1) if e in eps] or eps[:2]
     costs = [c for c in _cost_columns(runs) if not c[0].startswith("fgsm")]
-    header = ["run", "model", *(f"acc@{e:g}" for e in shown), "trainable", "local",
+    kinds = ("trainable", "local", "other")
+    header = ["run", "model", *(f"acc@{e:g}" for e in shown), *kinds,
               *(name for name, _ in costs)]
     rows = []
     for name, run in zip(run_names(runs), runs, strict=True):
         params = (run.evals.get("efficiency") or {}).get("parameters") or {}
         rows.append([name, run.value("model"), *(run.fgsm(e) for e in shown),
-                     params.get("trainable"), params.get("local"), *(get(run) for _, get in costs)])
+                     *(params.get(kind) for kind in kinds), *(get(run) for _, get in costs)])
     return Table(header, rows)
 
 
@@ -610,7 +611,7 @@ def plot_groups(runs: list[Run], by: list[str]) -> dict[str, list[Run]]:
 
 def learning_curve(run: Run, metric: str = "test_acc") -> list[tuple[int, float]]:
     """(supervised epoch, metric) for every evaluation the run logged."""
-    rows = read_metrics(run.path / "metrics.jsonl")
+    rows = read_metrics(run.path / METRICS)
     return [(r["epoch"], r[metric]) for r in rows
             if r.get("phase") == "supervised" and r.get("epoch", 0) > 0
             and isinstance(r.get(metric), (int, float))]

@@ -18,9 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from bioexp.errors import ConfigError
 
-GROUPS = ("model", "data", "schedule", "optimizer", "lr_schedule", "experiment", "sweep",
-          "hebbian_split", "hybrid", "bench")
-LOCAL_LR_SCHEDULES = ("constant", "cosine", "linear", "exponential")
 # control=...: the model's local-rule layers untrained, at their own initial weights or Gaussian.
 CONTROLS = ("random_features", "gaussian_features")
 INPUT_SCALES = ("unit", "symmetric")
@@ -254,7 +251,9 @@ def validate(cfg: DictConfig) -> None:
         check_int(cfg, f"{prefix}.epochs", minimum=0)
         check_int(cfg, f"{prefix}.batch_size", minimum=1)
         check_number(cfg, f"{prefix}.lr", low=0, low_inclusive=False)
-    check_choice(cfg, "schedule.unsupervised.lr_schedule", LOCAL_LR_SCHEDULES)
+    from bioexp.engine.schedule import RATE_SCHEDULES  # here: the other checks need no torch
+
+    check_choice(cfg, "schedule.unsupervised.lr_schedule", RATE_SCHEDULES)
     check_number(cfg, "schedule.unsupervised.lr_decay", low=0, high=1, low_inclusive=False)
     check_number(cfg, "schedule.supervised.grad_clip", low=0)
     for group in ("optimizer", "lr_schedule"):

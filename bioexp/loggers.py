@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bioexp.config import flatten
 from bioexp.errors import ConfigError
+from bioexp.records import SUMMARY
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,8 @@ class MLflowLogger:
     def close(self, summary: dict[str, Any], run_dir: Path, step: int) -> None:
         for path in plot_files(run_dir):
             self.client.log_artifact(self.run_id, str(path), artifact_path="plots")
-        if (run_dir / "summary.json").is_file():
-            self.client.log_artifact(self.run_id, str(run_dir / "summary.json"))
+        if (run_dir / SUMMARY).is_file():
+            self.client.log_artifact(self.run_id, str(run_dir / SUMMARY))
         status = MLFLOW_STATUS.get(str(summary.get("status")), "FAILED")
         self.client.set_terminated(self.run_id, status)
 

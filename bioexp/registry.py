@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Union
 from torch import nn
 
 from bioexp.errors import ConfigError
+from bioexp.layers.local import LocalLayer
 
 # Arguments that the engine supplies from the dataset; configs do not set them.
 DATASET_ARGS = ("input_shape", "num_classes")
@@ -182,9 +183,14 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Numbers trained by the optimiser, and held otherwise (local-rule weights, feedback
-    matrices, frozen parameters, other buffers)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    local = sum(b.numel() for b in model.buffers()) + sum(
-        p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable": trainable, "local": local}
+    """The numbers a model holds, by what changes them: `trainable`, the parameters the
+    optimiser trains; `local`, the weights of local-rule layers, which their rules train;
+    `other`, the rest (frozen parameters, fixed feedback matrices, batch-norm statistics, the
+    win counters of competing units)."""
+    local_weights = {id(m.weight) for m in model.modules() if isinstance(m, LocalLayer)}
+    counts = {"trainable": 0, "local": 0, "other": 0}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        kind = ("local" if id(tensor) in local_weights
+                else "trainable" if tensor.requires_grad else "other")
+        counts[kind] += tensor.numel()
+    return counts

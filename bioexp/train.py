@@ -340,8 +340,7 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
                             precision=cfg.get("precision"), cuda_graphs=cfg.get("cuda_graphs"),
                             data_origin=data.origin,
                             input_shape=list(data.input_shape), num_classes=data.num_classes,
-                            parameters={"trainable": counts["trainable"],
-                                        "other": counts["local"]},
+                            parameters=counts,
                             environment=environment(device))
     log.info("model %s: %d trainable parameters, device %s", cfg.model.name,
              counts["trainable"], device)

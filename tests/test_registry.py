@@ -12,7 +12,13 @@ from torch import nn
 from bioexp import registry
 from bioexp.errors import ConfigError
 from bioexp.models import Classifier
-from bioexp.registry import build_model, check_hyperparameters, list_models, register_model
+from bioexp.registry import (
+    build_model,
+    check_hyperparameters,
+    list_models,
+    parameter_counts,
+    register_model,
+)
 
 MODEL_NAMES = [entry.name for entry in list_models()]
 SHAPES = [((1, 28, 28), 10), ((3, 32, 32), 7)]
@@ -194,3 +200,18 @@ def test_literal_hyperparameter_lists_its_choices():
     assert str(excinfo.value) == ("model.feedback_init must be one of kaiming, xavier, "
                                   "got 'gaussian'")
     build_model("fa_mlp", (1, 28, 28), 10, feedback_init="xavier")  # a listed choice builds
+
+
+def test_parameter_counts_say_what_changes_each_number():
+    """The optimiser's parameters, the local rules' weights, and the rest (fixed feedback
+    matrices, win counters, batch-norm statistics) are counted apart."""
+    fa = build_model("fa_mlp", (1, 4, 4), 3, hidden=[5])
+    # W and b of 16 -> 5 -> 3 train; each fixed B has its W's shape
+    assert parameter_counts(fa) == {"trainable": 16 * 5 + 5 + 5 * 3 + 3, "local": 0,
+                                    "other": 16 * 5 + 5 * 3}
+    krotov = build_model("krotov_fc", (1, 4, 4), 3, hidden=8, k=2, head=[])
+    # the rule's W (8 x 16), a linear read-out 8 -> 3, and one win counter per unit
+    assert parameter_counts(krotov) == {"trainable": 8 * 3 + 3, "local": 8 * 16, "other": 8}
+    softhebb = build_model("softhebb_cnn", (1, 28, 28), 3)
+    batch_norm = sum(b.numel() for n, b in softhebb.named_buffers() if n.startswith("head."))
+    assert batch_norm > 0 and parameter_counts(softhebb)["other"] >= batch_norm

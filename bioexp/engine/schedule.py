@@ -69,11 +69,18 @@ class Exponential:
         return self.decay ** epoch
 
 
+# The named schedules of phase 1 (`schedule.unsupervised.lr_schedule`): (epochs, decay) -> factor.
+RATE_SCHEDULES: dict[str, Callable[[int, float], Callable[[int], float]]] = {
+    "constant": lambda epochs, decay: Constant(),
+    "linear": lambda epochs, decay: Linear(epochs),
+    "cosine": lambda epochs, decay: Cosine(epochs),
+    "exponential": lambda epochs, decay: Exponential(decay),
+}
+
+
 def rate_factor(name: str, epochs: int, decay: float) -> Callable[[int], float]:
     """The named schedule of a phase of `epochs` epochs (`decay` for the exponential one)."""
-    factors = {"constant": Constant, "linear": lambda: Linear(epochs),
-               "cosine": lambda: Cosine(epochs), "exponential": lambda: Exponential(decay)}
-    return factors[name]()
+    return RATE_SCHEDULES[name](epochs, decay)
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class UnsupervisedPhase:
     epochs: int
     batch_size: int
     lr: float
-    lr_schedule: str = "constant"  # constant | linear | cosine | exponential
+    lr_schedule: str = "constant"  # a name of RATE_SCHEDULES
     lr_decay: float = 0.95  # per epoch, for the exponential schedule
     tf32: bool = False  # CUDA matmuls in TF32 (precision=tf32); no effect on the CPU
     cuda_graphs: bool = False  # on CUDA, replay each epoch's local-rule steps as one CUDA graph

@@ -21,12 +21,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from bioexp.layers.local import LocalLayer
+from bioexp.layers.local import LocalLayer, converged_share
 from bioexp.rules.krotov import RULE_VERSION, krotov_full, krotov_rows, normalized_step
 
 KrotovInit = Literal["uniform", "normal"]
-# A unit whose weight row's p-norm is within this of 1 has converged (local_stats, unconverged).
-CONVERGED_NORM = 0.25
 
 
 class KrotovLayer(LocalLayer):
@@ -87,14 +85,13 @@ class KrotovLayer(LocalLayer):
         return self.weight.abs().pow(self.p).sum(dim=1).pow(1 / self.p)
 
     def local_stats(self) -> dict[str, float]:
-        near = (self.p_norms() - 1).abs() < CONVERGED_NORM
         return {"weight_norm_mean": self.weight.norm(dim=1).mean().item(),
                 "units_never_won": int((self.wins == 0).sum().item()),
-                "units_converged": near.float().mean().item()}
+                "units_converged": converged_share(self.p_norms())}
 
     def unconverged(self) -> str | None:
         norms = self.p_norms()
-        converged = ((norms - 1).abs() < CONVERGED_NORM).float().mean().item()
+        converged = converged_share(norms)
         if converged >= 0.5:
             return None
         return (f"only {converged:.0%} of the Krotov layer's {len(norms)} units reached the unit "

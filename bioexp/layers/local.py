@@ -12,6 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# A unit whose weight norm is within this of 1, where the Krotov rule (the p-norm) and SoftHebb
+# (the Euclidean norm) take it, has converged.
+CONVERGED_NORM = 0.25
+
+
+def converged_share(norms: torch.Tensor) -> float:
+    """The fraction of units whose weight norm in `norms` (H,) is within CONVERGED_NORM of 1."""
+    return ((norms - 1).abs() < CONVERGED_NORM).float().mean().item()
+
 
 class LocalLayer(nn.Module):
     """A layer whose weights change only through `local_update`."""

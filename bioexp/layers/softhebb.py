@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioexp.layers.local import LocalLayer
+from bioexp.layers.local import LocalLayer, converged_share
 from bioexp.rules.softhebb import (
     RULE_VERSION,
     softhebb_conv,
@@ -29,8 +29,6 @@ from bioexp.rules.softhebb import (
     unit_norms,
 )
 
-# A unit whose weight norm is within this of 1 has converged (local_stats, unconverged).
-CONVERGED_NORM = 0.25
 # A unit whose norm moved less than this fraction of the way from init_radius to 1 is still
 # where it started (unconverged).
 STILL_NORM = 0.1
@@ -76,7 +74,7 @@ class SoftHebbUnits(LocalLayer):
     def local_stats(self) -> dict[str, float]:
         norms = unit_norms(self.weight)
         return {"weight_norm_mean": norms.mean().item(), "weight_norm_max": norms.max().item(),
-                "units_converged": ((norms - 1).abs() < CONVERGED_NORM).float().mean().item(),
+                "units_converged": converged_share(norms),
                 "units_never_won": int((self.wins == 0).sum().item())}
 
     def unconverged(self) -> str | None:

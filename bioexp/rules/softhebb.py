@@ -16,7 +16,8 @@ make it multilayer and convolutional, and add (the form implemented here):
 
 and this implementation (`normalize_update`, on by default) scales a layer's update so that its
 largest entry is 1 before eta_k multiplies it, as Krotov & Hopfield's rule does
-(`normalized`), which makes the rate independent of the batch size and of the input's scale.
+(`bioexp.rules.krotov.normalized_step`), which makes the rate independent of the batch size and
+of the input's scale.
 
 Simplified: the rule uses the plain currents (no bias, no prior over units), and every layer
 learns from the same pass (the engine's phase 1), not one layer after another.
@@ -36,8 +37,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Bump when the rule's arithmetic changes: it is part of the phase-1 cache key.
-RULE_VERSION = 1
+from bioexp.rules.krotov import normalized_step
+
+# Bump when the rule's arithmetic changes: it is part of the phase-1 cache key. 2: the update is
+# scaled as dW * (1 / max|dW|) (Krotov's normalized_step), no longer dW / max|dW|.
+RULE_VERSION = 2
 
 
 def soft_wta(u: torch.Tensor, temperature: float, anti_hebbian: bool = True,
@@ -81,15 +85,10 @@ def adaptive_rates(w: torch.Tensor, power: float) -> torch.Tensor:
     return (unit_norms(w) - 1).abs().pow(power)
 
 
-def normalized(dw: torch.Tensor) -> torch.Tensor:
-    """dW / max|dW| (a zero update stays zero)."""
-    return dw / dw.abs().max().clamp_min(1e-30)
-
-
 def softhebb_step(dw: torch.Tensor, w: torch.Tensor, lr: float, rate_power: float,
                   normalize: bool = True) -> torch.Tensor:
     """The weight change the layer adds: lr * |r_k - 1|^rate_power * dW_k, with dW scaled to a
     largest entry of 1 first when `normalize`."""
-    step = normalized(dw) if normalize else dw
+    step = normalized_step(dw, 1.0) if normalize else dw
     rates = adaptive_rates(w, rate_power) * lr
     return step * rates.view(-1, *([1] * (w.dim() - 1)))
