@@ -25,21 +25,21 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import run_job
+from hydra.core.utils import JobReturn, run_job
 from hydra.errors import HydraException
-from hydra.types import HydraContext, RunMode
+from hydra.types import HydraContext, RunMode, TaskFunction
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from bioexp import evaluate
-from bioexp.checks import preflight, resolve_device, task_config, unwritable
-from bioexp.cli import missing_plugin, resume_arguments
-from bioexp.config import config_dir, retired_key
+from bioexp.checks import preflight, resolve_device, starts_afresh, task_config, unwritable
+from bioexp.config import config_dir
 from bioexp.errors import BioexpError, ConfigError
 from bioexp.evaluate import TrainedRun
+from bioexp.overrides import override_problem, resume_arguments
 from bioexp.train import resumed_config
 from bioexp.train import run as train_run
 
@@ -99,7 +99,7 @@ def command_line(overrides: Sequence[str], run_dir: str | Path | None) -> list[s
         if arg.startswith("-"):
             raise ConfigError(f"{arg}: bioexp.run takes overrides (key=value), not the flags "
                               "of `bioexp train`")
-    problem = missing_plugin(args) or next(filter(None, map(retired_key, args)), None)
+    problem = override_problem(args)
     if problem:
         raise ConfigError(problem)
     if run_dir is not None and any(arg.startswith("resume=") for arg in args):
@@ -149,7 +149,7 @@ def check(cfg: DictConfig, folder: Path) -> None:
     """What `bioexp train` checks before Hydra makes the folder (checks.Preflight): the config,
     unless it resumes a run (whose own config `run` checks), and that the folder can be made."""
     if not cfg.get("resume"):
-        preflight(task_config(cfg))
+        preflight(task_config(cfg), sources=starts_afresh(folder))
     problem = unwritable(folder)
     if problem:
         raise ConfigError(f"hydra.run.dir={cfg.hydra.run.dir} cannot be written: {problem}")
@@ -173,7 +173,7 @@ def train_in(cfg: DictConfig, folder: Path) -> tuple[Path, dict[str, Any]]:
             outcome["error"] = exc
 
     context = HydraContext(config_loader=GlobalHydra.instance().config_loader(),
-                           callbacks=Callbacks(cfg))
+                           callbacks=JobCallbacks(cfg))
     with job_logging(cfg, folder / "train.log"):
         try:
             run_job(task_function=task, config=cfg, job_dir_key="hydra.run.dir",
@@ -186,6 +186,23 @@ def train_in(cfg: DictConfig, folder: Path) -> tuple[Path, dict[str, Any]]:
             raise outcome["error"]
         log.info("run folder: %s", outcome["folder"])
     return outcome["folder"], outcome["summary"]
+
+
+class JobCallbacks:
+    """The config's Hydra callbacks (`hydra.callbacks`) around the one job `run_job` runs: what
+    `run_job` calls on its context's callbacks (Hydra's own collection of them is private)."""
+
+    def __init__(self, cfg: DictConfig):
+        callbacks = OmegaConf.select(cfg, "hydra.callbacks") or {}
+        self.callbacks = [instantiate(spec) for spec in callbacks.values()]
+
+    def on_job_start(self, config: DictConfig, *, task_function: TaskFunction) -> None:
+        for callback in self.callbacks:
+            callback.on_job_start(config=config, task_function=task_function)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn) -> None:
+        for callback in reversed(self.callbacks):
+            callback.on_job_end(config=config, job_return=job_return)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ behind for `bioexp compare` to list.
 from __future__ import annotations
 
 import contextlib
-import sys
+import itertools
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from hydra import compose
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -31,8 +30,9 @@ from bioexp.config import model_hyperparameters, validate
 from bioexp.data import dataset_plan
 from bioexp.engine import Schedule, local_layers
 from bioexp.engine.schedule import group_error
-from bioexp.errors import BioexpError, ConfigError, DeviceError
+from bioexp.errors import BioexpError, ConfigError, DeviceError, refuse
 from bioexp.loggers import check_loggers
+from bioexp.records import CHECKPOINT
 from bioexp.registry import build_model, check_hyperparameters
 
 
@@ -53,11 +53,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def preflight(cfg: DictConfig) -> torch.device:
+def preflight(cfg: DictConfig, sources: bool = True) -> torch.device:
     """Every check that needs no training, in the order a user would fix them: config values,
     the model's hyperparameters (the model is built once on the CPU, which also catches
     mistakes that involve two keys, like model.k above model.hidden), the device, and what is
-    known of the dataset without reading it. Returns the device; raises BioexpError."""
+    known of the dataset without reading it; with `sources` (a run that starts from scratch),
+    the weights the model takes from other runs (`Classifier.load_sources`). Returns the
+    device; raises BioexpError."""
     validate(cfg)
     check_loggers(cfg)
     hparams = model_hyperparameters(cfg)
@@ -67,6 +69,8 @@ def preflight(cfg: DictConfig) -> torch.device:
     input_shape, num_classes = dataset_plan(cfg.data)
     with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
         model = build_model(cfg.model.name, input_shape, num_classes, **hparams)
+    if sources:
+        model.load_sources()
     if cfg.get("control") is not None and not local_layers(model):
         raise ConfigError(f"control={cfg.control} leaves a model's local-rule layers untrained, "
                           f"and {cfg.model.name} has none")
@@ -105,10 +109,9 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
-def refuse(message: str, code: int = 2) -> None:
-    """End the command with `bioexp: error: <message>` and exit code `code`."""
-    print(f"bioexp: error: {message}", file=sys.stderr)
-    sys.exit(code)
+def starts_afresh(run_dir: str | Path) -> bool:
+    """Whether a run into `run_dir` starts from scratch: it holds no checkpoint to continue."""
+    return not (Path(run_dir) / CHECKPOINT).exists()
 
 
 def task_config(config: DictConfig) -> DictConfig:
@@ -124,7 +127,7 @@ class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("resume"):
             try:
-                preflight(task_config(config))
+                preflight(task_config(config), sources=starts_afresh(config.hydra.run.dir))
             except BioexpError as exc:
                 refuse(str(exc), exc.exit_code)
         self._writable(config.hydra.run.dir, "hydra.run.dir")
@@ -133,9 +136,10 @@ class Preflight(Callback):
                           **kwargs: Any) -> None:
         jobs = sweep_jobs(config)
         failures = []
+        fresh = not Path(config.hydra.sweep.dir).exists()  # else each job checks its own run
         for job in jobs or []:
             try:
-                preflight(compose(config_name=config_name, overrides=job))
+                preflight(compose(config_name=config_name, overrides=job), sources=fresh)
             except BioexpError as exc:
                 failures.append((job, exc))
         if failures:
@@ -151,14 +155,22 @@ class Preflight(Callback):
 
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     """The overrides of every job of a multirun, as Hydra's basic sweeper will launch them
-    (its `params`, then the command line's), or None for other sweepers (Optuna draws its jobs
-    as it goes: each one checks itself)."""
+    (its `params`, then the command line's: the product of their values), or None for other
+    sweepers (Optuna draws its jobs as it goes: each one checks itself) and for sweeps the basic
+    sweeper cannot run (`interval(...)`, which Hydra then refuses)."""
     if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
         return None
     params = config.hydra.sweeper.get("params") or {}
     arguments = [*(f"{k}={v}" for k, v in params.items()), *config.hydra.overrides.task]
-    overrides = OverridesParser.create().parse_overrides(arguments)
-    return [list(job) for job in BasicSweeper.split_arguments(overrides, None)[0]]
+    choices: dict[str, list[str]] = {}  # key -> its overrides; a later one replaces an earlier
+    for override in OverridesParser.create().parse_overrides(arguments):
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            return None  # interval(...): Hydra's basic sweeper refuses it itself
+        key = override.get_key_element()
+        values = (list(override.sweep_string_iterator()) if override.is_discrete_sweep()
+                  else [override.get_value_element_as_str()])
+        choices[key] = [f"{key}={value}" for value in values]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def sweep_failure(jobs: Sequence[Sequence[str]], failures: list[tuple[Sequence[str],

@@ -8,7 +8,6 @@ launcher and sweeper plugins all work as documented by Hydra.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bioexp import __version__
-from bioexp.errors import BioexpError, ConfigError
+from bioexp.errors import BioexpError, refuse
 
 COMMANDS = {
     "train": "train a model: bioexp train [hydra overrides], e.g. model=cnn data=mnist seed=1",
@@ -38,34 +37,6 @@ def _help() -> str:
     lines += ["", "`bioexp train --help` shows the config groups and Hydra's options;",
               "`bioexp COMMAND --help` shows a command's options."]
     return "\n".join(lines)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    print(f"bioexp: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-# Hydra plugins behind config choices: (override, value) -> (plugin module, pip extra).
-PLUGINS = {
-    **{("hydra/launcher", name): ("hydra_plugins.hydra_joblib_launcher", "sweep")
-       for name in ("parallel", "joblib")},
-    **{("hydra/launcher", name): ("hydra_plugins.hydra_submitit_launcher", "slurm")
-       for name in ("slurm", "slurm_gpu", "submitit_local", "submitit_slurm")},
-    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
-    ("sweep", "krotov_optuna"): ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
-}
-
-
-def missing_plugin(args: Sequence[str]) -> str | None:
-    """A one-line error when an override asks for a Hydra plugin that is not installed."""
-    for arg in args:
-        key, _, value = arg.partition("=")
-        plugin = PLUGINS.get((key.lstrip("+~"), value))
-        if plugin and importlib.util.find_spec(plugin[0]) is None:
-            package = plugin[0].split(".")[-1].replace("_", "-")
-            return (f"{arg} needs the Hydra plugin {package}, which is not installed: "
-                    f"pip install 'bioexp[{plugin[1]}]'")
-    return None
 
 
 def register_resolvers() -> None:
@@ -103,42 +74,18 @@ class SacctOnce(logging.Filter):
         return True
 
 
-def resume_arguments(args: Sequence[str]) -> list[str]:
-    """`resume=FOLDER` continues that run in that folder, with its own config: Hydra is told to
-    log there and to leave its .hydra files alone. Anything that would change the run is a
-    mistake, named in one line (ConfigError, so that `bioexp.run` can say it too)."""
-    folder = next((a.split("=", 1)[1] for a in args if a.startswith("resume=")), None)
-    if not folder:
-        return list(args)
-    from bioexp.config import RESUME_FREE_KEYS
-
-    for arg in args:
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if arg in ("-m", "--multirun"):
-            raise ConfigError("resume= continues one run; to resume a sweep, run the same "
-                              "multirun again with the same hydra.sweep.dir")
-        if not (key in RESUME_FREE_KEYS or key.startswith("hydra") or arg.startswith("-")):
-            raise ConfigError(f"resume= continues the run with its own config; drop {arg}")
-    if not Path(folder).is_dir():
-        raise ConfigError(f"resume={folder}: no such run folder")
-    return [*args, f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
-
-
 def train_command(args: Sequence[str]) -> None:
-    from bioexp.config import retired_key
+    from bioexp.overrides import override_problem, resume_arguments
 
-    problem = missing_plugin(args) or next(filter(None, map(retired_key, args)), None)
+    problem = override_problem(args)
     if problem:
-        _fail(problem)
+        refuse(problem)
     sys.argv = ["bioexp train", *resume_arguments(args)]
     register_resolvers()
     logging.getLogger("submitit").addFilter(SacctOnce())
-    from bioexp.train import FAILED_JOBS
     from bioexp.train import main as hydra_main
 
-    hydra_main()
-    if FAILED_JOBS:
-        _fail(f"{len(FAILED_JOBS)} job(s) did not complete: " + ", ".join(FAILED_JOBS), code=1)
+    hydra_main()  # a multirun with failed jobs exits 1 here, naming them (train.SweepReport)
 
 
 def _table(title: str, rows: Sequence[Sequence[str]]) -> list[str]:
@@ -182,7 +129,7 @@ def list_command(args: Sequence[str]) -> None:
     opts = parser.parse_args(args)
     if opts.model:
         if not opts.model.startswith("model="):
-            _fail(f"bioexp list takes model=NAME (e.g. model=krotov_fc), got {opts.model!r}")
+            refuse(f"bioexp list takes model=NAME (e.g. model=krotov_fc), got {opts.model!r}")
         list_model(opts.model.split("=", 1)[1])
         return
     import bioexp.models  # noqa: F401  (registers the built-in models)
@@ -252,10 +199,10 @@ def compare_command(args: Sequence[str]) -> None:
     for folder in opts.folders:
         path = Path(folder)
         if not path.is_dir():
-            _fail(f"{folder} is not a folder")
+            refuse(f"{folder} is not a folder")
         found = compare.find_runs(path)
         if not found:
-            _fail(f"no runs (folders with summary.json or .hydra/config.yaml) under {folder}")
+            refuse(f"no runs (folders with summary.json or .hydra/config.yaml) under {folder}")
         runs += found
     by = [key.strip() for key in opts.by.split(",") if key.strip()] if opts.by else []
     by = compare.with_control(runs, by)
@@ -264,13 +211,13 @@ def compare_command(args: Sequence[str]) -> None:
     problems.append((f"--metric {opts.metric}", compare.missing_key(runs, metric, metric=True)))
     for option, problem in problems:
         if problem:
-            _fail(f"{option}: {problem}")
+            refuse(f"{option}: {problem}")
     table = compare.group_table(runs, by, metric) if by else compare.run_table(runs)
     if opts.sort:
         try:
             table = compare.sort_table(table, opts.sort)
         except ValueError as exc:
-            _fail(f"--sort: {exc}")
+            refuse(f"--sort: {exc}")
     width = opts.width if opts.width is not None else shutil.get_terminal_size((100, 24)).columns
     print(compare.text_table(table, width), flush=True)
     if by:
@@ -290,7 +237,7 @@ def _write(name: str, write: Callable[[Path], object]) -> None:
     try:
         write(path)
     except (OSError, ValueError) as exc:
-        _fail(f"cannot write {name}: {getattr(exc, 'strerror', None) or exc}")
+        refuse(f"cannot write {name}: {getattr(exc, 'strerror', None) or exc}")
     print(f"wrote {name}", file=sys.stderr)
 
 
@@ -328,11 +275,11 @@ def eval_command(args: Sequence[str]) -> None:
     try:
         eps = [float(e) for e in opts.eps.split(",") if e.strip()]
     except ValueError:
-        _fail(f"--eps must be comma-separated numbers, got {opts.eps!r}")
+        refuse(f"--eps must be comma-separated numbers, got {opts.eps!r}")
     if not eps or any(not 0 <= e <= 1 for e in eps):
-        _fail(f"--eps values must lie in [0, 1] (fractions of the pixel range), got {opts.eps}")
+        refuse(f"--eps values must lie in [0, 1] (fractions of the pixel range), got {opts.eps}")
     if opts.test_limit is not None and opts.test_limit < 1:
-        _fail(f"--test-limit must be at least 1, got {opts.test_limit}")
+        refuse(f"--test-limit must be at least 1, got {opts.test_limit}")
     from bioexp.checks import resolve_device
 
     device = resolve_device(opts.device)
@@ -362,13 +309,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {"train": train_command, "list": list_command, "data": data_command,
                 "compare": compare_command, "eval": eval_command}
     if command not in handlers:
-        _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+        refuse(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     if command != "train":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         handlers[command](rest)
     except BioexpError as exc:
-        _fail(str(exc), exc.exit_code)
+        refuse(str(exc), exc.exit_code)
     except BrokenPipeError:  # `bioexp compare ... | head` closed the pipe: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

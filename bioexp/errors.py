@@ -1,5 +1,7 @@
 """User-facing errors: each one is reported as a single sentence, without a traceback."""
 
+import sys
+
 
 class BioexpError(Exception):
     """A mistake in the user's input or environment that bioexp reports in one sentence."""
@@ -17,3 +19,9 @@ class DataError(BioexpError):
 
 class DeviceError(BioexpError):
     """A device that was asked for but is not available."""
+
+
+def refuse(message: str, code: int = 2) -> None:
+    """End the command with `bioexp: error: <message>` on stderr and exit code `code`."""
+    print(f"bioexp: error: {message}", file=sys.stderr)
+    sys.exit(code)

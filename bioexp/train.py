@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +52,7 @@ from bioexp.engine import (
     local_layers,
     plural,
 )
-from bioexp.errors import BioexpError, ConfigError
+from bioexp.errors import BioexpError, ConfigError, refuse
 from bioexp.loggers import close_loggers, open_loggers
 from bioexp.plots import plot_alignment, plot_curves, plot_receptive_fields, plot_win_counts
 from bioexp.records import (
@@ -68,8 +69,10 @@ from bioexp.robustness import write_fgsm
 
 log = logging.getLogger("bioexp")
 
-# Jobs of the current multirun that did not complete; the CLI exits non-zero when any did.
-FAILED_JOBS: list[str] = []
+# A multirun's jobs that did not complete leave one file each in <sweep dir>/FAILED_JOBS: a job
+# writes it in whatever process runs it (a joblib worker, a submitit job on another node), and the
+# multirun's own process reads them after the last job (SweepReport).
+FAILED_JOBS = ".failed_jobs"
 
 
 def seed_everything(seed: int) -> None:
@@ -322,7 +325,7 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
           checkpoint_head: dict[str, Any], stop: StopRequest, built: dict[str, Any]) -> None:
     """Check, load the data, build the model (into `built`), fit it with checkpoints, and
     record the result as `completed`."""
-    device = preflight(cfg)
+    device = preflight(cfg, sources=False)  # loaded below, when the run starts from scratch
     for note in ignored_settings(cfg, given_keys(run_dir)):
         log.warning("%s", note)
     if cfg.get("threads") is not None:
@@ -331,6 +334,8 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
     data = load_dataset(cfg.data, cfg.model.input_scale, device)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes,
                         **model_hyperparameters(cfg)).to(device)
+    if saved is None:
+        model.load_sources()  # from now on this run's own checkpoint holds those weights
     built.update(model=model, input_shape=data.input_shape)
     if cfg.get("control") is not None:
         start_control(model, cfg.control)
@@ -456,16 +461,38 @@ def _show_progress(cfg: DictConfig) -> bool:
     return bool(cfg.progress) and sys.stderr.isatty()
 
 
-class SweepTable(Callback):
-    """After a multirun, log a table of its jobs and write it to `<sweep dir>/runs.md`."""
+class SweepReport(Callback):
+    """After a multirun: a table of its jobs in the log and in `<sweep dir>/runs.md`, then, when
+    any job did not complete, `bioexp: error:` naming them and exit code 1, whichever launcher
+    ran the jobs (each failed job left a file in `<sweep dir>/FAILED_JOBS`)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        shutil.rmtree(Path(config.hydra.sweep.dir) / FAILED_JOBS, ignore_errors=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = find_runs(sweep_dir) if sweep_dir.is_dir() else []
-        if not runs:
-            return
-        atomic_write(sweep_dir / "runs.md", lambda f: f.write(runs_table(runs) + "\n"))
-        log.info("%d runs in %s:\n%s", len(runs), sweep_dir, text_table(run_table(runs)))
+        if runs:
+            atomic_write(sweep_dir / "runs.md", lambda f: f.write(runs_table(runs) + "\n"))
+            log.info("%d runs in %s:\n%s", len(runs), sweep_dir, text_table(run_table(runs)))
+        failed = failed_jobs(sweep_dir)
+        if failed:
+            refuse(f"{len(failed)} job(s) did not complete: {', '.join(failed)}", code=1)
+
+
+def record_failed_job(run_dir: Path, why: str) -> float:
+    """Leave this multirun job's failure for SweepReport to find; the sweeper's NaN."""
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.sweep.dir) / FAILED_JOBS
+    atomic_write(folder / f"{hydra_cfg.job.num}.txt", lambda f: f.write(f"{run_dir} ({why})"))
+    return float("nan")
+
+
+def failed_jobs(sweep_dir: Path) -> list[str]:
+    """`<run folder> (<why>)` for each job of the multirun in `sweep_dir` that did not complete,
+    in job order."""
+    files = (sweep_dir / FAILED_JOBS).glob("*.txt")
+    return [f.read_text() for f in sorted(files, key=lambda f: int(f.stem))]
 
 
 @contextmanager
@@ -521,8 +548,7 @@ def main(cfg: DictConfig) -> float:
         log.error("error: %s", exc)
         if not multirun:
             sys.exit(exc.exit_code)
-        FAILED_JOBS.append(str(run_dir))
-        return float("nan")
+        return record_failed_job(run_dir, "failed")
     except KeyboardInterrupt:
         log.error("interrupted; the run folder %s keeps what was done; continue it with:\n"
                   "  bioexp train resume=%s", run_dir, run_dir)
@@ -530,8 +556,7 @@ def main(cfg: DictConfig) -> float:
     if summary["status"] != "completed":
         if not multirun:
             sys.exit(1)
-        FAILED_JOBS.append(str(run_dir))
-        return float("nan")
+        return record_failed_job(run_dir, summary["status"])
     log.info("run folder: %s", run_dir)
     return objective(summary)
 

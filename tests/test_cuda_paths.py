@@ -1,7 +1,8 @@
 """The paths that exist for CUDA, tested on the CPU where they can be and on CUDA where present:
 the host-sync-free Krotov step (`krotov_full`, two max passes), the epoch captured in a CUDA
 graph, `precision` and `cuda_graphs` from config, the Gupta threshold by top-k, bf16 autocast
-of the backprop families, and `scripts/gpu_check.sh`'s exit where there is no CUDA.
+of the backprop families (local rules in fp32 under it), and `scripts/gpu_check.sh`'s exit
+where there is no CUDA.
 
 Tests that need CUDA have `cuda` in their names: `scripts/gpu_check.sh` runs `pytest -k cuda`.
 """
@@ -23,7 +24,7 @@ from bioexp.data import Split
 from bioexp.engine.loops import unsupervised_epoch
 from bioexp.engine.schedule import Schedule, UnsupervisedPhase
 from bioexp.errors import ConfigError
-from bioexp.layers import KrotovLayer
+from bioexp.layers import KrotovLayer, LocalLayer
 from bioexp.rules.hebbian import GuptaReference, kth_smallest, topk_threshold
 from bioexp.rules.krotov import krotov_full, normalized_step, ranked
 from bioexp.train import run
@@ -141,16 +142,57 @@ def test_cuda_only_settings_on_auto_without_cuda(make_cfg, monkeypatch) -> None:
 
 
 BF16_MODELS = ["bp_mlp", "fa_mlp", "dfa_mlp", "kp_cnn", "krotov_biocell_fa"]
+LOCAL_RULE_MODELS = ["krotov_fc", "krotov_biocell_fc", "semihebb", "softhebb_mlp", "softhebb_cnn"]
+
+
+@pytest.fixture
+def training_dtypes(monkeypatch: pytest.MonkeyPatch) -> dict[str, set]:
+    """What the supervised steps compute in: the output dtypes of every module called with
+    gradients on (`trained`), and the dtypes and autocast state every local rule sees (`rule`)."""
+    seen: dict[str, set] = {"trained": set(), "rule": set()}
+
+    def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            seen["trained"].add(output.dtype)
+
+    def spy(update):
+        def local_update(self, x, y, lr):
+            seen["rule"].add((x.dtype, y.dtype, torch.is_autocast_enabled(x.device.type)))
+            return update(self, x, y, lr)
+        return local_update
+
+    layers = [LocalLayer]
+    while layers:
+        cls = layers.pop()
+        layers += cls.__subclasses__()
+        if "local_update" in vars(cls):
+            monkeypatch.setattr(cls, "local_update", spy(vars(cls)["local_update"]))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    yield seen
+    handle.remove()
 
 
 @pytest.mark.parametrize("model", BF16_MODELS)
-def test_backprop_families_train_under_bf16_autocast(tmp_path: Path, make_cfg,
-                                                     model: str) -> None:
+def test_backprop_families_train_under_bf16_autocast(tmp_path: Path, make_cfg, model: str,
+                                                     training_dtypes) -> None:
     summary = run(make_cfg(*TINY, f"model={model}", "precision=bf16", "model.hidden=[16]"
                            if model in ("bp_mlp", "fa_mlp", "dfa_mlp") else "seed=0"), tmp_path)
     assert summary["status"] == "completed", summary
     assert summary["precision"] == "bf16" and summary["cuda_graphs"] is False
-    assert 0 <= summary["test_acc"] <= 1
+    assert torch.bfloat16 in training_dtypes["trained"]  # the steps ran under autocast
+
+
+@pytest.mark.parametrize("model", LOCAL_RULE_MODELS)
+def test_local_rules_stay_fp32_when_one_phase_autocasts_to_bf16(tmp_path: Path, make_cfg,
+                                                                model: str, training_dtypes
+                                                                ) -> None:
+    """In one phase the local layers learn inside the supervised step's bf16 autocast; their
+    forward pass and their rule still compute in float32."""
+    summary = run(make_cfg(*TINY, f"model={model}", "schedule=one_phase", "precision=bf16",
+                           "schedule.supervised.epochs=1"), tmp_path)
+    assert summary["status"] == "completed", summary
+    assert torch.bfloat16 in training_dtypes["trained"]  # the head under autocast
+    assert training_dtypes["rule"] == {(torch.float32, torch.float32, False)}
 
 
 def test_summary_records_the_default_numerics(tmp_path: Path, make_cfg) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from bioexp.checks import preflight
 from bioexp.data import Dataset, Split
 from bioexp.engine import (
     Diverged,
@@ -19,10 +21,14 @@ from bioexp.engine import (
     frozen_body,
     local_layers,
     local_learning,
+    supervised_epoch,
 )
+from bioexp.errors import ConfigError
 from bioexp.layers import LocalLayer
 from bioexp.models import Classifier
 from bioexp.records import RunRecorder
+
+fit_module = importlib.import_module("bioexp.engine.fit")  # the module, not the function
 
 
 class OjaUnits(LocalLayer):
@@ -117,14 +123,67 @@ def test_two_phase_trains_local_layers_then_head_on_cached_features(tmp_path) ->
     assert [p["name"] for p in result.phases] == ["unsupervised", "supervised"]
 
 
-def test_two_phase_head_on_cached_features_equals_head_on_live_body(tmp_path) -> None:
+def test_two_phase_head_on_cached_features_equals_head_on_live_body(tmp_path,
+                                                                    monkeypatch) -> None:
+    """With a frozen body, fit computes the features once and trains the head alone on them
+    (its caching path), and the test accuracy it records there is the live model's."""
+    epochs: list[tuple[Split, bool]] = []
+
+    def spy(model, optimizer, split, *args, **kwargs):
+        epochs.append((split, model._on_features))
+        return supervised_epoch(model, optimizer, split, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "supervised_epoch", spy)
     torch.manual_seed(0)
     model, data = local_model(), blob_data()
-    fit(model, data, schedule("two_phase"), RunRecorder(tmp_path), seed=0)
-    with model.on_features():
-        cached = evaluate(model, Split(model.body(data.test.x), data.test.y), 100)
-    live = evaluate(model, data.test, 100)
-    assert cached == pytest.approx(live)
+    recorder = RunRecorder(tmp_path)
+    fit(model, data, schedule("two_phase"), recorder, seed=0)
+    assert len(epochs) == 3 and all(on_features for _, on_features in epochs)
+    with torch.no_grad():
+        features = model.body(data.train.x)
+    assert torch.allclose(epochs[0][0].x, features) and torch.equal(epochs[0][0].y, data.train.y)
+    assert all(split is epochs[0][0] for split, _ in epochs)  # computed once
+    live_loss, live_acc = evaluate(model, data.test, 100)
+    assert recorder.rows[-1]["test_acc"] == live_acc
+    assert recorder.rows[-1]["test_loss"] == pytest.approx(live_loss)
+
+
+def test_an_unknown_schedule_kind_is_refused(make_cfg) -> None:
+    """Another name would train the head on untrained local layers without a word."""
+    with pytest.raises(ConfigError, match="schedule.name must be one of two_phase, one_phase, "
+                                          "got 'three_phase'"):
+        Schedule("three_phase", UnsupervisedPhase(1, 50, 0.01), SupervisedPhase(1, 50, 0.1))
+    with pytest.raises(ConfigError, match="schedule.name must be one of"):
+        preflight(make_cfg("schedule.name=two_phases", "data=synthetic", "device=cpu"))
+
+
+class SummedLoss(Classifier):
+    """Test double: a family whose step reports the batch's summed loss, not its mean, and says
+    so through `training_loss` (the training-step protocol)."""
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self(x), y) * len(y)
+
+    def train_step(self, x, y, optimizer):
+        metrics = super().train_step(x, y, optimizer)
+        return {**metrics, "loss": metrics["loss"] * len(y)}
+
+
+def test_the_divergence_limit_is_on_the_scale_of_the_reported_loss(tmp_path) -> None:
+    """A loss summed over 200 samples is 200 times the mean: a limit set from the mean loss
+    (100 times it) would call the first step divergence."""
+
+    def big_batches(lr: float) -> Schedule:
+        return Schedule("two_phase", UnsupervisedPhase(0, 50, 0.01), SupervisedPhase(5, 200, lr))
+
+    torch.manual_seed(0)
+    model = SummedLoss(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
+    result = fit(model, blob_data(), big_batches(0.05), RunRecorder(tmp_path), seed=0)
+    assert result.test_acc > 0.6
+    torch.manual_seed(0)
+    exploding = SummedLoss(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
+    with pytest.raises(Diverged, match="100 times the untrained model's"):
+        fit(exploding, blob_data(), big_batches(1e6), RunRecorder(tmp_path / "x"), seed=0)
 
 
 def test_one_phase_updates_local_layers_during_supervised_epochs(tmp_path) -> None:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, bioexp_command, output_of
 from torch import nn
 
+import bioexp as bioexp_api
 from bioexp.alignment import alignment_angles, angle_degrees, measured_layers
 from bioexp.data import Dataset, Split
 from bioexp.engine import Interrupted, Schedule, SupervisedPhase, UnsupervisedPhase, fit
@@ -26,7 +32,7 @@ from bioexp.layers.feedback import (
     SignLinear,
     exact_backprop,
 )
-from bioexp.records import CHECKPOINT, RunRecorder, read_metrics
+from bioexp.records import CHECKPOINT, RunRecorder, read_json, read_metrics
 from bioexp.registry import build_model
 from bioexp.train import run
 
@@ -561,9 +567,14 @@ def save_cnn_run(run_dir: Path, channels: list[int]) -> nn.Module:
     return model
 
 
+def with_sources(model: nn.Module) -> nn.Module:
+    model.load_sources()
+    return model
+
+
 def test_cnn_fa_loads_and_freezes_convolutions_from_a_cnn_run(tmp_path: Path) -> None:
     source = save_cnn_run(tmp_path / "run", [2, 3])
-    model = small_model("cnn_fa", conv_from=str(tmp_path / "run"))
+    model = with_sources(small_model("cnn_fa", conv_from=str(tmp_path / "run")))
     src_convs = [m for m in source.modules() if isinstance(m, nn.Conv2d)]
     convs = [m for m in model.body.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 2
@@ -585,20 +596,20 @@ def test_cnn_fa_loads_and_freezes_convolutions_from_a_cnn_run(tmp_path: Path) ->
 
 def test_cnn_fa_conv_from_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.conv_from"):
-        small_model("cnn_fa", conv_from=str(tmp_path / "missing"))
+        with_sources(small_model("cnn_fa", conv_from=str(tmp_path / "missing")))
     corrupt = tmp_path / "corrupt" / CHECKPOINT
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ConfigError, match="model.conv_from"):
-        small_model("cnn_fa", conv_from=str(tmp_path / "corrupt"))
+        with_sources(small_model("cnn_fa", conv_from=str(tmp_path / "corrupt")))
     save_cnn_run(tmp_path / "wide", [4, 5])
     with pytest.raises(ConfigError, match="model.conv_from"):
-        small_model("cnn_fa", conv_from=str(tmp_path / "wide"))
+        with_sources(small_model("cnn_fa", conv_from=str(tmp_path / "wide")))
     no_model = tmp_path / "nomodel" / CHECKPOINT
     no_model.parent.mkdir(parents=True)
     torch.save({"epoch": 1}, no_model)
     with pytest.raises(ConfigError, match="model.conv_from"):
-        small_model("cnn_fa", conv_from=str(tmp_path / "nomodel"))
+        with_sources(small_model("cnn_fa", conv_from=str(tmp_path / "nomodel")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +653,7 @@ def test_fit_logs_alignment_angles_every_epoch(tmp_path: Path, name: str) -> Non
 
 def test_fit_cnn_fa_with_frozen_convolutions_measures_only_the_head(tmp_path: Path) -> None:
     save_cnn_run(tmp_path / "cnn", [2, 3])
-    model = small_model("cnn_fa", conv_from=str(tmp_path / "cnn"))
+    model = with_sources(small_model("cnn_fa", conv_from=str(tmp_path / "cnn")))
     convs = [m.weight.detach().clone() for m in model.body.modules()
              if isinstance(m, nn.Conv2d)]
     recorder = RunRecorder(tmp_path / "run")
@@ -651,6 +662,38 @@ def test_fit_cnn_fa_with_frozen_convolutions_measures_only_the_head(tmp_path: Pa
     assert {k for k in row if k.startswith("angle/")} == {"angle/head.1", "angle/head.3"}
     after = [m.weight for m in model.body.modules() if isinstance(m, nn.Conv2d)]
     assert all(torch.equal(a, b) for a, b in zip(after, convs, strict=True))
+
+
+@pytest.mark.slow
+def test_cnn_fa_resumes_and_evaluates_after_its_source_run_is_deleted(bioexp, tmp_path: Path
+                                                                      ) -> None:
+    """model.conv_from is read once, when the run starts: an interrupted cnn_fa run resumes, and
+    is evaluated, from another folder after its (relatively named) source run is gone."""
+    small = ("model.channels=[2,3]", "model.hidden=[8]", "threads=1")
+    source = bioexp("train", *TINY, "model=cnn", *small, "hydra.run.dir=cnn")
+    assert source.returncode == 0, output_of(source)
+    run_dir = tmp_path / "fa"
+    job = subprocess.Popen([*bioexp_command(), "train", *TINY, "model=cnn_fa", *small,
+                            "model.conv_from=cnn", "schedule.supervised.epochs=60",
+                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, stderr=subprocess.PIPE,
+                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    deadline = time.monotonic() + 120
+    while len(read_metrics(run_dir / "metrics.jsonl")) < 2:  # the first epoch's row
+        assert time.monotonic() < deadline and job.poll() is None, job.stderr.read()
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    job.wait(timeout=60)
+    assert read_json(run_dir / "summary.json")["status"] == "interrupted"
+    shutil.rmtree(tmp_path / "cnn")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = bioexp("train", f"resume={run_dir}", cwd=elsewhere)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert read_json(run_dir / "summary.json")["status"] == "completed"
+    evaluated = bioexp("eval", str(run_dir), "--eps", "0,0.1", cwd=elsewhere)
+    assert evaluated.returncode == 0, output_of(evaluated)
+    loaded = bioexp_api.load_run(run_dir)
+    assert not any(p.requires_grad for p in loaded.model.body.parameters())  # still frozen
 
 
 def test_train_run_draws_alignment_plot_only_for_feedback_models(tmp_path: Path,

@@ -81,3 +81,27 @@ def test_no_function_or_class_outgrows_a_reading() -> None:
                 if lines > limit:
                     too_long.append(f"{name}.{node.name}: {lines} lines (at most {limit})")
     assert not too_long, too_long
+
+
+def depends_on(module: str, edges: dict[str, set[str]]) -> set[str]:
+    """Every bioexp module `module` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for dep in edges[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_the_library_needs_neither_the_command_line_nor_hydras_private_modules() -> None:
+    """Hydra's `_internal` modules change without notice between releases; the Python API and
+    the library under it stand without the `bioexp` command."""
+    private = [name for name, tree in sources().items() for node in ast.walk(tree)
+               if isinstance(node, (ast.Import, ast.ImportFrom))
+               and any("hydra._internal" in (n or "") for n in
+                       [getattr(node, "module", None), *(a.name for a in node.names)])]
+    assert not private, f"modules importing hydra._internal: {private}"
+    edges = graph()
+    assert "bioexp.cli" not in depends_on("bioexp.api", edges)
+    assert {m for m, deps in edges.items() if "bioexp.cli" in deps} <= {"bioexp.__main__"}

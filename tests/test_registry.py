@@ -3,6 +3,7 @@ backward pass on small random batches."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import pytest
@@ -187,6 +188,24 @@ def test_every_model_forward_and_backward(name, input_shape, num_classes):
             pred = model.predict(model(x))
         assert pred.shape == (batch,)
         assert pred.min() >= 0 and pred.max() < num_classes
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_reports_its_step_loss_as_training_loss(name):
+    """The training-step protocol: the `loss` a step reports is `training_loss` of its batch
+    before the update (same random draws), the scale the divergence limit is set on."""
+    torch.manual_seed(0)
+    model = build_model(name, (1, 28, 28), 10)
+    twin = copy.deepcopy(model).train()
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(10, (16,))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = model.train().training_loss(x, y)
+    optimizer = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.01)
+    torch.manual_seed(1)
+    reported = twin.train_step(x, y, optimizer)["loss"]
+    assert reported.shape == () and torch.isfinite(reported)
+    assert torch.allclose(reported, expected, rtol=1e-5), (reported, expected)
 
 
 def test_build_model_rejects_an_unknown_keyword():

@@ -16,31 +16,46 @@ def _summaries(sweep: Path) -> list[dict]:
     return [read_json(p) for p in sorted(sweep.glob("*/summary.json"))]
 
 
+def assert_names_the_diverged_jobs(result, sweep: Path, *jobs: str) -> None:
+    """A sweep with diverging jobs exits 1 and names their folders, whatever launcher ran them
+    (a job's process is not the one that exits)."""
+    assert result.returncode == 1, output_of(result)
+    named = ", ".join(f"{sweep / job} (diverged)" for job in jobs)
+    assert f"bioexp: error: {len(jobs)} job(s) did not complete: {named}" in result.stderr
+    assert "Traceback" not in output_of(result)
+
+
 def test_joblib_runs_jobs_in_parallel_processes_with_shared_cores(bioexp, tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    result = bioexp("train", "-m", "hydra/launcher=parallel", "seed=0,1", *TINY,
-                    f"hydra.sweep.dir={sweep}")
-    assert result.returncode == 0, output_of(result)
+    result = bioexp("train", "-m", "hydra/launcher=parallel", "schedule.supervised.lr=1e6,1e-3",
+                    *TINY, f"hydra.sweep.dir={sweep}")
+    assert_names_the_diverged_jobs(result, sweep, "0_bp_mlp_synthetic")
     summaries = _summaries(sweep)
-    assert [s["status"] for s in summaries] == ["completed", "completed"]
+    assert [s["status"] for s in summaries] == ["diverged", "completed"]
     assert "Joblib" in output_of(result)
     # loky gives each of the 2 workers an equal share of the machine's cores
     from joblib import cpu_count
 
     assert all(s["environment"]["threads"] == max(1, cpu_count() // 2) for s in summaries)
-    assert (sweep / "runs.md").read_text().count("completed") == 2
+    assert (sweep / "runs.md").read_text().count("completed") == 1
+    # another sweep into the same folder (job 0 is now 0_fa_mlp_synthetic): the failure of the
+    # earlier sweep's job 0 is not counted again
+    again = bioexp("train", "-m", "hydra/launcher=parallel", "model=fa_mlp", *TINY,
+                   f"hydra.sweep.dir={sweep}")
+    assert again.returncode == 0, output_of(again)
 
 
 def test_submitit_local_runs_each_job_in_its_own_process(bioexp, tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     result = bioexp("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                    "threads=1", "model=bp_mlp,fa_mlp", *TINY, f"hydra.sweep.dir={sweep}")
-    assert result.returncode == 0, output_of(result)
+                    "threads=1", "model=bp_mlp,fa_mlp", "schedule.supervised.lr=1e-3,1e6", *TINY,
+                    f"hydra.sweep.dir={sweep}")
+    assert_names_the_diverged_jobs(result, sweep, "1_bp_mlp_synthetic", "3_fa_mlp_synthetic")
     summaries = _summaries(sweep)
-    assert [s["model"] for s in summaries] == ["bp_mlp", "fa_mlp"]
-    assert all(s["status"] == "completed" for s in summaries)
+    assert [s["model"] for s in summaries] == ["bp_mlp", "bp_mlp", "fa_mlp", "fa_mlp"]
+    assert [s["status"] for s in summaries] == ["completed", "diverged"] * 2
     assert all(s["environment"]["threads"] == 1 for s in summaries)  # threads=1 took effect
     assert (sweep / ".submitit").is_dir()  # submitit's job records
 
@@ -87,12 +102,12 @@ def test_the_sweep_objective_prefers_validation_accuracy() -> None:
 
 
 def test_a_missing_plugin_is_named_with_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bioexp import cli
+    from bioexp import overrides
 
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
-    assert cli.missing_plugin(["seed=1", "hydra/launcher=parallel"]) == (
+    monkeypatch.setattr(overrides.importlib.util, "find_spec", lambda name: None)
+    assert overrides.missing_plugin(["seed=1", "hydra/launcher=parallel"]) == (
         "hydra/launcher=parallel needs the Hydra plugin hydra-joblib-launcher, which is not "
         "installed: pip install 'bioexp[sweep]'")
-    assert "bioexp[optuna]" in cli.missing_plugin(["sweep=krotov_optuna"])
-    assert "bioexp[slurm]" in cli.missing_plugin(["hydra/launcher=submitit_local"])
-    assert cli.missing_plugin(["model=cnn", "hydra/launcher=basic"]) is None
+    assert "bioexp[optuna]" in overrides.missing_plugin(["sweep=krotov_optuna"])
+    assert "bioexp[slurm]" in overrides.missing_plugin(["hydra/launcher=submitit_local"])
+    assert overrides.missing_plugin(["model=cnn", "hydra/launcher=basic"]) is None

@@ -245,15 +245,27 @@ def make_optimizer(state: FitState, sup: SupervisedPhase, params: list[nn.Parame
 
 
 def first_row(job: Job, state: FitState, probe: Split) -> None:
-    """Before the first step: the untrained model's loss on the probe sets the divergence
-    limit, and models with feedback layers log their starting angles (epoch 0)."""
+    """Before the first step: the untrained model's training loss on the probe (the scale of
+    the `loss` its steps report, see `Classifier.train_step`) sets the divergence limit, and
+    models with feedback layers log their starting angles (epoch 0)."""
     model = job.model
-    untrained_loss, _ = evaluate(model, probe, ALIGNMENT_BATCH)
-    state.result.loss_limit = DIVERGENCE_FACTOR * max(untrained_loss, 1.0)
+    state.result.loss_limit = DIVERGENCE_FACTOR * max(untrained_loss(model, probe), 1.0)
     angles = alignment_angles(model, probe.x, probe.y)
     if angles:  # the curve's starting point: before any update, about 90 degrees
         job.recorder.log_metrics({"phase": "supervised", "epoch": 0, "step": state.pos.step,
                                   **angles})
+
+
+def untrained_loss(model: nn.Module, probe: Split) -> float:
+    """`model.training_loss` on the probe, in eval mode, leaving the random state as it was
+    (a family may draw, as Forward-Forward draws its negative labels)."""
+    was_training = model.training
+    devices = [probe.x.device] if probe.x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        model.eval()
+        loss = model.training_loss(probe.x, probe.y).item()
+    model.train(was_training)
+    return loss
 
 
 def untrained(job: Job, state: FitState, splits: Splits, has_params: bool,

@@ -122,12 +122,22 @@ class SupervisedPhase:
     name: ClassVar[str] = "supervised"
 
 
+# two_phase: the local rules learn first, without labels, then the supervised phase trains the
+# head on the frozen body; one_phase: the local rules learn during the supervised phase.
+SCHEDULE_KINDS = ("two_phase", "one_phase")
+
+
 @dataclass(frozen=True)
 class Schedule:
-    name: str  # "two_phase" or "one_phase"
+    name: str  # one of SCHEDULE_KINDS
     unsupervised: UnsupervisedPhase
     supervised: SupervisedPhase
     local_rules: bool = True  # False: local-rule layers keep their initial weights (a control)
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULE_KINDS:
+            raise ConfigError(f"schedule.name must be one of {', '.join(SCHEDULE_KINDS)}, got "
+                              f"{self.name!r}")
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Schedule:

@@ -5,6 +5,10 @@ The engine finds these layers with `isinstance(module, LocalLayer)`: during the 
 forward pass with the input the layer saw and the output it gave, under `torch.no_grad()`. The
 weights the rule trains are `self.weight`, a buffer (or a parameter with `requires_grad=False`),
 so the optimiser never touches them.
+
+Local layers compute in float32 whatever the caller's autocast (`precision=bf16` autocasts the
+supervised steps, through which the one-phase schedule's local layers learn): their forward pass,
+and so the rule that runs on its input and output, see float32 tensors with autocast off.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ def converged_share(norms: torch.Tensor) -> float:
 
 class LocalLayer(nn.Module):
     """A layer whose weights change only through `local_update`."""
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The module's call (forward hooks included: the engine's rule runs in one) with
+        autocast off, on an input of float32 at least (a bf16 or fp16 one is cast up)."""
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return super().__call__(x, *args, **kwargs)
 
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         """One step of the layer's rule for input batch `x`, output `y`, learning rate `lr`."""

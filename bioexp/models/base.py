@@ -6,9 +6,18 @@ the head, and, once the body is frozen, train the head on features computed once
 
 The training-step protocol: the engine trains a model one supervised batch at a time by calling
 `model.train_step(x, y, optimizer)`, which updates the model and returns its metrics as 0-d
-tensors on the device (`loss`, the batch mean, required; `correct`, a count, for the training
-accuracy; any other name is averaged over the epoch into metrics.jsonl as `train_<name>`). The
-default step is backprop's (forward, `loss`, backward, one optimiser step), which also serves
+tensors on the device (no host sync):
+
+- `loss` (required): the batch mean of the objective the step minimises, computed before the
+  update; it must equal `model.training_loss(x, y)` on the same batch and random state. The
+  engine sets its divergence limit from `training_loss` of the untrained model on a probe batch
+  (100 times it, at least 100) and compares every step's `loss` with that limit, so the two must
+  share one scale; a family whose objective is not `model.loss` (Forward-Forward's sum of layer
+  losses) overrides both.
+- `correct` (optional): a count of right predictions, for the training accuracy.
+- any other name: averaged over the epoch into metrics.jsonl as `train_<name>`.
+
+The default step is backprop's (forward, `loss`, backward, one optimiser step), which also serves
 every family whose layers only change the backward pass (FA, sign-symmetry, DFA). A family that
 trains otherwise (a loss per layer, its own plasticity, feedback weights that learn) overrides
 `train_step`; state it keeps between steps belongs in buffers or in `get_extra_state`, so that
@@ -75,6 +84,17 @@ class Classifier(nn.Module):
         loss.backward()
         optimizer.step()
         return {"loss": loss.detach(), "correct": (self.predict(output.detach()) == y).sum()}
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The objective `train_step` minimises on the batch (x, y), its batch mean, as the step
+        reports it as `loss`, without updating anything: here `loss(self(x), y)`."""
+        return self.loss(self(x), y)
+
+    def load_sources(self) -> None:
+        """Copy in the weights that the config takes from elsewhere (another run's checkpoint,
+        `cnn_fa`'s `model.conv_from`); ConfigError when they cannot be read. Called once, when a
+        run starts from scratch (and by the checks before it), never on resume or evaluation:
+        from its first checkpoint on, the run's own checkpoint holds them. None by default."""
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch; cross-entropy on logits unless a head says otherwise."""

@@ -101,6 +101,23 @@ def fa_cnn(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16
     return Classifier(nn.Sequential(*blocks, nn.Flatten(), *fc))
 
 
+class FrozenConvolutions(Classifier):
+    """A body of convolutions that, given `conv_from` (a `cnn` run folder), starts from that
+    run's convolutions and stays frozen. The architecture freezes them; `load_sources` copies the
+    weights in, once, when a run starts (never on resume or evaluation, so the source run may
+    move or go once this run has a checkpoint)."""
+
+    def __init__(self, head: nn.Module, body: nn.Module, conv_from: str | None):
+        super().__init__(head=head, body=body)
+        self.conv_from = conv_from
+        if conv_from is not None:
+            body.requires_grad_(False)
+
+    def load_sources(self) -> None:
+        if self.conv_from is not None:
+            load_frozen_convolutions(self.body, Path(self.conv_from))
+
+
 @register_model
 def cnn_fa(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16, 32),
            hidden: Sizes = (256,), activation: ActivationName = "relu", dropout: Probability = 0.3,
@@ -110,14 +127,11 @@ def cnn_fa(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16
     blocks, flat = conv_blocks(input_shape, channels, activation)
     fc = mlp_layers([flat, *hidden, num_classes], activation, dropout,
                     partial(FALinear, init=feedback_init, scale_to_weight=feedback_scale))
-    body = nn.Sequential(*blocks)
-    if conv_from is not None:
-        load_frozen_convolutions(body, Path(conv_from))
-    return Classifier(head=nn.Sequential(nn.Flatten(), *fc), body=body)
+    return FrozenConvolutions(nn.Sequential(nn.Flatten(), *fc), nn.Sequential(*blocks), conv_from)
 
 
 def load_frozen_convolutions(body: nn.Module, run_dir: Path) -> None:
-    """Copy the convolution weights of a run's checkpoint into `body` in order, and freeze them."""
+    """Copy the convolution weights of a run's checkpoint into `body`, in order."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"model.conv_from: {run_dir} has no checkpoint ({CHECKPOINT})")
@@ -139,4 +153,3 @@ def load_frozen_convolutions(body: nn.Module, run_dir: Path) -> None:
                     f"this model needs {tuple(conv.weight.shape)} (match model.channels)")
             conv.weight.copy_(state[key])
             conv.bias.copy_(state[key.removesuffix("weight") + "bias"])
-    body.requires_grad_(False)

@@ -210,10 +210,16 @@ class ForwardForward(Classifier):
         losses = [ff_loss(g[0], g[1], self.threshold) for g in both]
         return (losses, [g[0].detach().mean() for g in both], [g[1].detach().mean() for g in both])
 
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """sum_l L_l on the batch, with negative labels drawn as `train_step` draws them."""
+        y_neg, _ = self.negative_labels(x, y)
+        return torch.stack(self.layer_losses(x, y, y_neg)[0]).sum()
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
                    optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """Negative labels, every layer's local loss, one optimiser step on their sum (which,
-        the layers' inputs being detached, is one step per layer on its own loss)."""
+        the layers' inputs being detached, is one step per layer on its own loss); `loss` is
+        that sum, `training_loss`."""
         y_neg, scores = self.negative_labels(x, y)
         losses, g_pos, g_neg = self.layer_losses(x, y, y_neg)
         loss = torch.stack(losses).sum()
