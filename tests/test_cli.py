@@ -17,7 +17,6 @@ import yaml
 from conftest import (
     TINY,
     assert_clean_failure,
-    assert_failed_before_training,
     needs_fashion,
     output_of,
     tiny,
@@ -50,6 +49,14 @@ assert "schedule.supervised.batch_size=64" in TINY
 def read_metrics(path: Path) -> list[dict]:
     """Every line of metrics.jsonl, parsed strictly: a torn line fails the test."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_no_run_folder(run_dir: Path, root: Path) -> None:
+    """A mistake caught before the run stops before Hydra makes the run folder: neither the
+    folder asked for nor any other run folder (`.hydra`, summary.json) under `root`."""
+    assert not run_dir.exists(), sorted(str(p.relative_to(root)) for p in run_dir.rglob("*"))
+    left = [p for pattern in (".hydra", "summary.json", "train.log") for p in root.rglob(pattern)]
+    assert left == [], left
 
 
 def check_run_folder(run_dir: Path, model: str, dataset: str, seed: int, epochs: int,
@@ -336,8 +343,7 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(bioexp, tmp_path
                                   str(cache / "bioexp" / "data"), "data.download=true")
     assert "data.root" in output or "BIOEXP_DATA" in output, output
     assert not (cache / "bioexp" / "data" / "MNIST").exists(), "it downloaded anyway"
-    if run_dir.exists():
-        assert_failed_before_training(run_dir, "mnist", "/usr/share/datasets")
+    assert_no_run_folder(run_dir, tmp_path)
 
 
 def test_cuda_without_cuda(bioexp, tmp_path):
@@ -347,8 +353,7 @@ def test_cuda_without_cuda(bioexp, tmp_path):
     args = [a for a in TINY if not a.startswith("device=")]
     result = bioexp("train", *args, "device=cuda", f"hydra.run.dir={run_dir}")
     assert_clean_failure(result, tmp_path, "device=cuda", "device=cpu")
-    if run_dir.exists():
-        assert_failed_before_training(run_dir, "device=cuda")
+    assert_no_run_folder(run_dir, tmp_path)
 
 
 def test_divergence_is_recorded_and_keeps_the_folder(bioexp, tmp_path):

@@ -355,3 +355,39 @@ def test_benchmark_report_states_which_families_beat_their_controls(tmp_path):
     assert re.search(r"\| semihebb +\| random_features +\| 0\.8250 ", page)
     assert "`softhebb_cnn` is within twice the seeds' spread of its stronger control" in page
     assert (tmp_path / "docs" / "bench.png").stat().st_size > 0
+
+
+def test_a_group_mean_counts_only_completed_runs(tmp_path: Path) -> None:
+    """Failed, diverged and interrupted runs that still carry a test accuracy (and costs) keep
+    their rows and are counted in `statuses`, never in a group's mean, std, n or costs."""
+    done = {"0_done": 0.80, "1_done": 0.90}
+    others = {"2_failed": ("failed", 0.10), "3_diverged": ("diverged", 0.05),
+              "4_interrupted": ("interrupted", 0.30)}
+    config = {"model": {"name": "bp_mlp"}}
+    for name, acc in done.items():
+        fake_run(tmp_path / name, ["model=bp_mlp", f"seed={name[0]}"], config, status="completed",
+                 test_acc=acc, wall_time_s=10.0)
+    for name, (status, acc) in others.items():
+        fake_run(tmp_path / name, ["model=bp_mlp", f"seed={name[0]}"], config, status=status,
+                 test_acc=acc, wall_time_s=1000.0)
+    fake_run(tmp_path / "5_failed", ["model=fa_mlp", "seed=0"], {"model": {"name": "fa_mlp"}},
+             status="failed", test_acc=0.5)  # a group with no completed run at all
+    runs = find_runs(tmp_path)
+    table = group_table(runs, ["model"])
+    rows = {row[0]: dict(zip(table.header, row, strict=True)) for row in table.rows}
+    bp = rows["bp_mlp"]
+    assert bp["n"] == 2, bp
+    assert bp["test_acc mean"] == pytest.approx(0.85), bp
+    assert bp["std"] == pytest.approx(statistics.stdev(done.values())), bp
+    assert bp["time s"] == pytest.approx(10.0), bp  # costs: completed runs only, too
+    assert bp["statuses"] == "2 completed, 1 diverged, 1 failed, 1 interrupted", bp
+    fa = rows["fa_mlp"]
+    assert fa["n"] == 0 and fa["test_acc mean"] is None and fa["std"] is None, fa
+    assert fa["statuses"] == "1 failed", fa
+    text = text_table(table)
+    assert "0.8500" in text and "0.4300" not in text, text  # 0.43: the mean of all five
+    # the per-run table keeps every run's row, with its status
+    per_run = run_table(runs)
+    assert dict(zip(per_run.column("run"), per_run.column("status"), strict=True)) == {
+        **dict.fromkeys(done, "completed"), **{k: v[0] for k, v in others.items()},
+        "5_failed": "failed"}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import bioexp_command, output_of
+from conftest import TINY, bioexp_command, output_of, train_here
 from omegaconf import OmegaConf
 
 from bioexp import plots
@@ -122,12 +124,69 @@ def test_eval_of_trained_runs_writes_files_that_compare_reads(bioexp, trained_ru
         assert float(row["MFLOP"]) > 0
 
 
-def test_the_in_process_attack_matches_the_files(trained_runs) -> None:
-    run_dir = sorted(p for p in trained_runs.iterdir() if (p / "summary.json").is_file())[0]
+def hand_fgsm_accuracy(model: torch.nn.Module, split: Split, eps: float) -> float:
+    """FGSM written out for a model without feedback layers, one gradient for the whole split:
+    x' = clamp(x + eps sign(d loss / d x), 0, 1) on [0, 1] pixels."""
+    x = split.x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.loss(model(x), split.y), x)
+    with torch.no_grad():
+        adversarial = (x + eps * grad.sign()).clamp(0.0, 1.0)
+        return (model.predict(model(adversarial)) == split.y).sum().item() / len(split)
+
+
+def test_the_fgsm_file_holds_the_attack_at_each_strength(trained_runs, tmp_path) -> None:
+    """`bioexp eval --eps 0,0.1` on a copy of the bp_mlp run: eval/fgsm.json at eps 0.1 is the
+    attack's accuracy (computed again here, in the library and by hand), well below the clean
+    accuracy of a model trained to accuracy 1."""
+    from bioexp.cli import eval_command  # without main's logging set-up: in-process
+
+    source = sorted(p for p in trained_runs.iterdir() if (p / "summary.json").is_file())[0]
+    run_dir = tmp_path / source.name  # a copy: the other tests' eval files stay theirs
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("eval", "plots"))
+    eval_command([str(run_dir), "--eps", "0,0.1", "--embed-samples", "50"])
+    fgsm = read_json(run_dir / "eval" / "fgsm.json")
+    assert fgsm["eps"] == [0.0, 0.1]
     run = load_run(run_dir, torch.device("cpu"))
     assert last_hidden_layer(run.model) is not None
-    accuracy = fgsm_accuracy(run.model, run.data.test, [0.0, 0.1], PIXEL_RANGE["unit"])
-    assert accuracy[0] == read_json(run_dir / "summary.json")["test_acc"]
+    clean, attacked = fgsm_accuracy(run.model, run.data.test, [0.0, 0.1], PIXEL_RANGE["unit"])
+    assert clean == read_json(run_dir / "summary.json")["test_acc"] > 0.9
+    assert attacked == pytest.approx(hand_fgsm_accuracy(run.model, run.data.test, 0.1))
+    assert fgsm["accuracy"] == pytest.approx([clean, attacked])
+    assert attacked < clean - 0.1, (clean, attacked)  # the attack did something
+
+
+def printed_columns(text: str) -> dict[str, list[str]]:
+    """A printed table's cells by header, read at the positions of its line of dashes."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("---"))
+    spans = [m.span() for m in re.finditer(r"-+", lines[at])]
+    return {lines[at - 1][a:b].strip(): [row[a:b].strip() for row in lines[at + 1:]]
+            for a, b in spans}
+
+
+def test_train_with_fgsm_attacks_the_final_model_for_compare(tmp_path, capsys) -> None:
+    """README: `bioexp train ... fgsm=[0,0.1]` attacks the trained model at the end of the run
+    (eval/fgsm.json) and fills the `fgsm@0.1` column of `bioexp compare`."""
+    from bioexp.cli import compare_command  # without main's logging set-up: in-process
+
+    run_dir = tmp_path / "run"
+    assert train_here(*TINY, "model=bp_mlp", "fgsm=[0,0.1]", f"hydra.run.dir={run_dir}") == 0
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "completed", summary
+    fgsm = read_json(run_dir / "eval" / "fgsm.json")
+    assert fgsm["eps"] == [0.0, 0.1] and fgsm["n_test"] == 128, fgsm
+    run = load_run(run_dir, torch.device("cpu"))
+    clean, attacked = fgsm_accuracy(run.model, run.data.test, [0.0, 0.1], PIXEL_RANGE["unit"])
+    assert clean == summary["test_acc"]
+    assert attacked < clean - 0.05, (clean, attacked)  # so the file tells the two apart
+    assert fgsm["accuracy"] == pytest.approx([clean, attacked])
+    capsys.readouterr()
+    compare_command([str(run_dir), "--csv", str(tmp_path / "t.csv")])
+    cells = printed_columns(capsys.readouterr().out)
+    assert cells["fgsm@0.1"] == [f"{attacked:.4f}"], cells
+    with open(tmp_path / "t.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["fgsm@0.1"]) == pytest.approx(attacked)
 
 
 def test_eval_errors_are_one_line(bioexp, tmp_path) -> None:

@@ -149,9 +149,23 @@ def test_scores_are_differentiable_in_the_image_except_the_label_pixels() -> Non
     (grad,) = torch.autograd.grad(model.loss(model(x), torch.arange(5) % 4), x)
     grad = grad.flatten(1)
     assert torch.all(grad[:, :4] == 0) and grad[:, 4:].abs().sum() > 0
-    split = Split(x.detach(), torch.arange(5) % 4)
-    accuracy = fgsm_accuracy(model.eval(), split, [0.0, 0.1], (0.0, 1.0))
-    assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
+
+
+def test_fgsm_attacks_forward_forward_through_its_goodness() -> None:
+    """Images labelled with the model's own predictions (clean accuracy 1): FGSM at eps 0.1
+    changes many predictions, exactly as the attack written out by hand does."""
+    model = small_model().eval()
+    x = torch.rand(200, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model.predict(model(x))
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.loss(model(xg), y), xg)
+    with torch.no_grad():
+        by_hand = (model.predict(model((x + 0.1 * grad.sign()).clamp(0, 1))) == y).float().mean()
+    accuracy = fgsm_accuracy(model, Split(x, y), [0.0, 0.1], (0.0, 1.0))
+    assert accuracy[0] == 1.0
+    assert accuracy[1] == pytest.approx(by_hand.item())
+    assert accuracy[1] < 0.9, accuracy  # the attack did something
 
 
 def test_hard_negatives_are_wrong_labels() -> None:

@@ -81,6 +81,31 @@ def test_receptive_fields_show_the_most_used_units_first(figures, tmp_path: Path
     assert "the first 5 of 5 units" in figures["rf.png"].axes[0].get_title()  # nobody won yet
 
 
+def test_colour_receptive_fields_show_every_channel(figures, tmp_path: Path) -> None:
+    """(units, 3*H*W) weights of a (3, H, W) input: each tile holds the three channels side by
+    side, each channel's own weights (scaled by the unit's largest |weight|)."""
+    channels, height, width = 3, 2, 3
+    weights = torch.zeros(2, channels, height, width)
+    for c in range(channels):
+        weights[:, c] = (c + 1) * torch.arange(1.0, 7.0).view(height, width) * (-1) ** c
+    weights[1] *= 2.0  # the second unit: the same picture, twice as strong
+    plots.plot_receptive_fields(weights.flatten(1), (channels, height, width),
+                                tmp_path / "rf.png")
+    ax = figures["rf.png"].axes[0]
+    assert "(channels side by side)" in ax.get_title()
+    mosaic = np.ma.filled(ax.images[0].get_array(), np.nan)
+    tile_w = channels * width + channels - 1  # channels side by side, one-pixel gaps
+    assert mosaic.shape == (height, 2 * tile_w + 1)  # two units, 2 x 1 grid
+    expected = (weights[0] / weights[0].abs().max()).numpy()  # both units scale alike
+    for unit in range(2):
+        for c in range(channels):
+            left = unit * (tile_w + 1) + c * (width + 1)
+            np.testing.assert_allclose(mosaic[:, left:left + width], expected[c],
+                                       err_msg=f"unit {unit}, channel {c}")
+            if c < channels - 1:
+                assert np.isnan(mosaic[:, left + width]).all()  # the grey gap
+
+
 @pytest.mark.parametrize("wins", [[0.0] * 20, [7.0], [0.0, 1.0], [1.0] * 10])
 def test_win_counts_copes_with_degenerate_data(figures, tmp_path: Path, wins: list) -> None:
     path = plots.plot_win_counts(torch.tensor(wins), tmp_path / "wins.png")
