@@ -7,6 +7,7 @@ runs may share a cache entry only when sharing it cannot change a result.
 
 from __future__ import annotations
 
+import logging
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,3 +117,40 @@ def test_sparsity_runs_do_not_share_a_cache_entry(tmp_path: Path, make_cfg) -> N
     again = run(make_cfg(*common, "model.sparsity=70"), tmp_path / "p70_again")
     assert again["phase1_cache"]["status"] == "hit"
     assert again["test_acc"] == second["test_acc"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "another_body"])
+def test_a_damaged_cache_entry_is_trained_again(tmp_path: Path, make_cfg, caplog,
+                                                damage: str) -> None:
+    """README: a damaged (or stale) phase-1 cache file is not an error: the next run with its key
+    warns, naming the file, trains phase 1 again (`miss`) to the result of a fresh run, and
+    overwrites the entry, which the run after it finds."""
+    from bioexp.records import read_metrics
+    from bioexp.train import run
+
+    common = (*TINY, "model=semihebb", "model.hebbian=[32]")
+    fresh = run(make_cfg(*common), tmp_path / "fresh")
+    assert fresh["phase1_cache"]["status"] == "miss"
+    entry = Path(fresh["phase1_cache"]["file"])
+    if damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[:len(entry.read_bytes()) // 2])
+    elif damage == "garbage":
+        entry.write_bytes(b"\x00not a torch file\xff" * 50)
+    else:  # readable, but the weights of another body
+        torch.save({"layer.weight": torch.zeros(3, 3)}, entry)
+    with caplog.at_level(logging.WARNING, logger="bioexp.cache"):
+        again = run(make_cfg(*common), tmp_path / "again")
+    assert again["status"] == "completed", again
+    assert again["phase1_cache"] == fresh["phase1_cache"]  # miss, the same key and file
+    [warning] = [r.getMessage() for r in caplog.records if str(entry) in r.getMessage()]
+    assert "unreadable" in warning and "training phase 1" in warning, warning
+    assert again["test_acc"] == fresh["test_acc"]
+    assert rows_without_time(read_metrics(tmp_path / "again" / "metrics.jsonl")) == \
+        rows_without_time(read_metrics(tmp_path / "fresh" / "metrics.jsonl"))
+    third = run(make_cfg(*common), tmp_path / "third")  # the entry was written anew
+    assert third["phase1_cache"]["status"] == "hit" and third["test_acc"] == fresh["test_acc"]
+
+
+def rows_without_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("elapsed_s", "epoch_time_s",
+                                                        "samples_per_s")} for row in rows]

@@ -74,10 +74,11 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         phase1_cache: Phase1Cache | None = None) -> FitResult:
     """Run `schedule` on `model`, logging one metrics row per epoch; return the result.
 
-    `checkpoint(state)` receives the training state (see `FitState`) after every epoch, every
-    `checkpoint_every_s` seconds at a batch boundary (0: never mid-epoch), and when `stop()`
-    turns true, after which Interrupted is raised. `resume=state` continues from such a state
-    (the model's weights must already be loaded) to the same result as an uninterrupted run.
+    `checkpoint(state)` receives the training state (see `FitState`) before the first step,
+    after every epoch, every `checkpoint_every_s` seconds at a batch boundary (0: never
+    mid-epoch), and when `stop()` turns true, after which Interrupted is raised. `resume=state`
+    continues from such a state (the model's weights must already be loaded) to the same result
+    as an uninterrupted run.
     Raises Diverged when a loss or weight stops being finite or the loss explodes, naming the
     local-rule layers to blame, if any; rows written so far stay on disk.
     """
@@ -87,6 +88,8 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         state.restore(resume)
         log.info("resuming: %s phase, epoch %d, after %s of it", state.pos.phase,
                  state.pos.epoch + 1, plural(state.pos.batch, "batch", "batches"))
+    else:  # a checkpoint from the start, with the run's config: a run that dies or diverges
+        state.save()  # in its first epoch is known to its folder, and is not trained again
     try:
         if has_phase1(model, schedule) and state.pos.phase == "unsupervised":
             phase1(job, state, phase1_cache)
