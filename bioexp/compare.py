@@ -32,6 +32,7 @@ from bioexp.records import METRICS, SUMMARY, read_json, read_metrics
 
 # Config groups shown as columns, and whether the run is a random-feature control (`control`).
 GROUPS = ("model", "control", "data", "schedule")
+NO_CONTROL = "-"  # the `control` cell of a run that is not a control
 PHASE_LABELS = {"unsupervised": "unsup", "supervised": "sup"}
 # Accuracy columns of the per-run table -> their summary.json fields.
 ACCURACY_COLUMNS = {"final": "test_acc", "best": "best_test_acc", "val": "val_acc"}
@@ -82,6 +83,11 @@ class Run:
         if key in GROUPS:
             return self.config.get(f"{key}.name", self.summary.get(GROUP_FIELDS.get(key, key)))
         return self.config[key] if key in self.config else self.summary.get(key)
+
+    def shown(self, key: str) -> Any:
+        """`value(key)` as tables show it: NO_CONTROL for a run that is not a control."""
+        value = self.value(key)
+        return NO_CONTROL if key == "control" and value is None else value
 
     def has(self, key: str) -> bool:
         """Whether the run knows `key` at all (as `value` reads it), whatever its value."""
@@ -227,7 +233,7 @@ def run_table(runs: list[Run]) -> Table:
     header = ["run", *groups, *keys, "status", *scores, *(name for name, _ in costs)]
     rows = []
     for name, run, v in zip(run_names(runs), runs, varying, strict=True):
-        rows.append([name, *(run.value(g) for g in groups), *(v[k] for k in keys), run.status,
+        rows.append([name, *(run.shown(g) for g in groups), *(v[k] for k in keys), run.status,
                      *(run.number(ACCURACY_COLUMNS[c]) for c in scores),
                      *(get(run) for _, get in costs)])
     return Table(header, rows)
@@ -239,7 +245,7 @@ def efficiency_table(runs: list[Run], eps: list[float]) -> Table:
     optimiser, by local rules and held otherwise (`registry.parameter_counts`), and the run's time,
     per-phase throughput and peak memory."""
     shown = [e for e in (0.0, 0.1) if e in eps] or eps[:2]
-    costs = [c for c in _cost_columns(runs) if not c[0].startswith("fgsm")]
+    costs = [c for c in _cost_columns(runs) if not c[0].startswith("fgsm") and c[0] != "params"]
     kinds = ("trainable", "local", "other")
     header = ["run", "model", *(f"acc@{e:g}" for e in shown), *kinds,
               *(name for name, _ in costs)]
@@ -296,9 +302,9 @@ def _over_control(key: tuple[str, ...], at: int, means: dict[tuple[str, ...], fl
                   ) -> float | None:
     """The group `key`'s mean minus the best mean among its controls (the groups with the same
     keys but a control at position `at`); None for controls and groups without any."""
-    if key[at] != "None" or means[key] is None:
+    if key[at] != NO_CONTROL or means[key] is None:
         return None
-    rivals = [mean for other, mean in means.items() if other[at] != "None" and mean is not None
+    rivals = [mean for other, mean in means.items() if other[at] != NO_CONTROL and mean is not None
               and other[:at] + other[at + 1:] == key[:at] + key[at + 1:]]
     return means[key] - max(rivals) if rivals else None
 
@@ -306,7 +312,7 @@ def _over_control(key: tuple[str, ...], at: int, means: dict[tuple[str, ...], fl
 def group_runs(runs: list[Run], by: list[str]) -> dict[tuple[str, ...], list[Run]]:
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
-        groups.setdefault(tuple(str(run.value(k)) for k in by), []).append(run)
+        groups.setdefault(tuple(str(run.shown(k)) for k in by), []).append(run)
     return groups
 
 

@@ -62,6 +62,9 @@ class Range:
     low_open: bool = False
     high_open: bool = False
     min_len: int = 0
+    # an upper bound that is another hyperparameter ("model.hidden"): the factory checks it,
+    # `describe` names it
+    high_name: str = ""
 
     def holds(self, value: Any) -> bool:
         if isinstance(value, (list, tuple)):
@@ -71,7 +74,9 @@ class Range:
         return above and below
 
     def describe(self) -> str:
-        """The bounds in words: "at least 1", "in [0, 1)", "above 0"."""
+        """The bounds in words: "at least 1", "in [0, 1)", "above 0", "in [2, model.hidden]"."""
+        if self.high_name:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high_name}]"
         if self.high == math.inf:
             return f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
         if self.low == -math.inf:

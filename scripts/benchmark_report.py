@@ -55,6 +55,15 @@ def machine_lines(runs) -> list[str]:
     return lines
 
 
+def test_images(runs) -> str:
+    """The test images the runs were scored on, as their configs say (`data.test_limit`)."""
+    limits = {run.value("data.test_limit") for run in runs}
+    if limits == {None}:
+        return "the whole test set"
+    return " or ".join(f"{n:,} test images" if n is not None else "the whole test set"
+                       for n in sorted(limits, key=lambda n: (n is None, n or 0)))
+
+
 def verdicts(table) -> list[str]:
     """One sentence per trained local-rule family: its gain over its stronger control, and
     whether that gain is larger than twice the seeds' spread (the two standard deviations
@@ -98,10 +107,6 @@ def main() -> None:
     keep = [i for i, name in enumerate(table.header) if name not in ("unsup/s", "sup/s")]
     table.header[:] = [table.header[i] for i in keep]
     table.rows[:] = [[row[i] for i in keep] for row in table.rows]
-    if "control" in table.header:  # a trained family reads better as "-" than as None
-        at = table.header.index("control")
-        for row in table.rows:
-            row[at] = "-" if row[at] in (None, "None") else row[at]
     accuracy = table.header.index("test_acc mean")
     table.rows.sort(key=lambda row: -(row[accuracy] or 0.0))
     statuses = Counter(r.status for r in runs)
@@ -111,7 +116,7 @@ def main() -> None:
         f"Made by `{opts.command}` (then `python scripts/benchmark_report.py`); "
         f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in statuses.most_common()) + ".",
         "Each row: the model's own defaults unless its `conf/bench/<row>.yaml` says otherwise; "
-        "test accuracy on the 10,000 test images, mean and standard deviation over the seeds "
+        f"test accuracy on {test_images(runs)}, mean and standard deviation over the seeds "
         "(`n`); `vs control`: the mean minus that of the family's stronger random-feature "
         "control; `fgsm@0.1`: test accuracy under FGSM at eps 0.1; `time s`: wall time of one "
         "run; `params`: parameters the optimiser trains.",

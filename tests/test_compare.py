@@ -333,10 +333,10 @@ def test_grouping_by_model_keeps_controls_apart_and_scores_against_the_stronger(
     assert by == ["model", "control"]
     table = group_table(runs, by)
     rows = {(row[0], row[1]): dict(zip(table.header, row, strict=True)) for row in table.rows}
-    trained = rows[("krotov_fc", "None")]
+    trained = rows[("krotov_fc", "-")]
     assert trained["n"] == 2 and trained["vs control"] == pytest.approx(0.875 - 0.855)
     assert rows[("krotov_fc", "random_features")]["vs control"] is None
-    assert rows[("bp_mlp", "None")]["vs control"] is None  # no control to beat
+    assert rows[("bp_mlp", "-")]["vs control"] is None  # no control to beat
     assert trained["params"] == 1234
     assert with_control([r for r in runs if r.value("control") is None], ["model"]) == ["model"]
 
@@ -353,6 +353,8 @@ def test_benchmark_report_states_which_families_beat_their_controls(tmp_path):
     assert "`krotov_fc` beats its stronger control, `gaussian_features` (+2.00 points" in page
     assert "`semihebb` does not beat its stronger control, `random_features` (-2.50" in page
     assert re.search(r"\| semihebb +\| random_features +\| 0\.8250 ", page)
+    assert re.search(r"\| krotov_fc +\| - +\| 0\.8750 ", page)  # a trained row: no control
+    assert "test accuracy on the whole test set" in page  # no data.test_limit in these runs
     assert "`softhebb_cnn` is within twice the seeds' spread of its stronger control" in page
     assert (tmp_path / "docs" / "bench.png").stat().st_size > 0
 

@@ -234,3 +234,11 @@ def test_parameter_counts_say_what_changes_each_number():
     softhebb = build_model("softhebb_cnn", (1, 28, 28), 3)
     batch_norm = sum(b.numel() for n, b in softhebb.named_buffers() if n.startswith("head."))
     assert batch_norm > 0 and parameter_counts(softhebb)["other"] >= batch_norm
+
+
+def test_a_bound_set_by_another_hyperparameter_is_named():
+    """Krotov's k must lie in [2, model.hidden]: `bioexp list` says so, not just "int"."""
+    kinds = {e.name: e for e in list_models()}["krotov_fc"].kinds()
+    assert kinds["k"] == "int in [2, model.hidden]"
+    with pytest.raises(ConfigError, match=r"model\.k must be an int in \[2, model\.hidden\]"):
+        check_hyperparameters("krotov_fc", {"k": 1})

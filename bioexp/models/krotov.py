@@ -34,6 +34,7 @@ Activation = Literal["none", "relu", "relu_power"]
 Hidden = Annotated[int, Range(low=2)]  # units of the Krotov layer
 Power = Annotated[float, Range(low=2)]  # the rule's p: Krotov & Hopfield use p >= 2
 Strength = Annotated[float, Range(0, 1)]  # delta, the anti-Hebbian push
+Rank = Annotated[int, Range(low=2, high_name="model.hidden")]  # k, the unit pushed away
 LossPower = Annotated[float, Range(low=1)]  # BioLoss's m
 Linear = Callable[..., nn.Module]
 
@@ -124,7 +125,7 @@ def _biocell_model(input_shape: Sequence[int], num_classes: int, hidden: int, p:
 
 @register_model
 def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
-              p: Power = 3.0, k: int = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
+              p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
               normalize_input: bool = True, unit_rows: bool = True,
               activation: Activation = "relu_power", n: float = 4.5,
               head: Sizes = (256, 1024), dropout: Probability = 0.0) -> Classifier:
@@ -135,7 +136,7 @@ def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2
 
 @register_model
 def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
-              p: Power = 3.0, k: int = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
+              p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
               normalize_input: bool = True, unit_rows: bool = True,
               activation: Activation = "relu_power", n: float = 4.5,
               head: Sizes = (256, 1024), dropout: Probability = 0.0) -> Classifier:
@@ -146,7 +147,7 @@ def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2
 
 @register_model
 def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
-                      p: Power = 3.0, k: int = 7, delta: Strength = 0.4,
+                      p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
                       unit_rows: bool = True, n: float = 4.5, m: LossPower = 6.0,
                       beta: float = 1.0) -> BioCellClassifier:
@@ -157,7 +158,7 @@ def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hi
 
 @register_model
 def krotov_biocell_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
-                      p: Power = 3.0, k: int = 7, delta: Strength = 0.4,
+                      p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
                       unit_rows: bool = True, n: float = 4.5, m: LossPower = 6.0,
                       beta: float = 1.0) -> BioCellClassifier:
