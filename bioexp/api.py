@@ -34,13 +34,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from bioexp import evaluate
+from bioexp import runs
 from bioexp.checks import preflight, resolve_device, starts_afresh, task_config, unwritable
 from bioexp.config import config_dir
 from bioexp.errors import BioexpError, ConfigError
-from bioexp.evaluate import TrainedRun
 from bioexp.overrides import override_problem, resume_arguments
-from bioexp.train import resumed_config
+from bioexp.runs import TrainedRun, resumed_config
 from bioexp.train import run as train_run
 
 log = logging.getLogger("bioexp")
@@ -77,14 +76,14 @@ def run(overrides: Sequence[str] = (), *, run_dir: str | Path | None = None) -> 
         folder, summary = train_in(cfg, folder)
     if summary.get("status") != "completed":
         raise RunDiverged(folder, summary)
-    return evaluate.load_run(folder, torch.device(summary.get("device") or "cpu"))
+    return runs.load_run(folder, torch.device(summary.get("device") or "cpu"))
 
 
 def load_run(folder: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
     """The run in `folder` as its last checkpoint left it: `path`, `cfg`, `summary`, `model`
     (eval mode, on `device`: cpu, cuda, cuda:N or auto), `data` (its dataset, on `device`),
     `metrics`. ConfigError when the folder holds no readable checkpoint."""
-    return evaluate.load_run(Path(folder), resolve_device(str(device)))
+    return runs.load_run(Path(folder), resolve_device(str(device)))
 
 
 def command_line(overrides: Sequence[str], run_dir: str | Path | None) -> list[str]:

@@ -5,7 +5,7 @@ weights and structure, the settings of its layers and rules, the training images
 settings and the seed of the batch order, never on the head. `Phase1Cache` stores the trained
 body under a hash of exactly those, so a sweep over head settings trains phase 1 once: a later
 run with the same key loads the weights and skips the phase, and then trains its head exactly as
-the first run did.
+the first run did. `phase1_cache` gives a run's entry from its config.
 
 The settings of the body's modules enter the key by construction: `module_settings` reads every
 public attribute a module or its rule holds (p, k, delta, sparsity, per_unit, normalize, ...),
@@ -27,10 +27,12 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bioexp.records import atomic_write
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 LOCK_POLL_S = 0.1  # how often a waiting job tries the lock again (and checks for Ctrl-C)
 
 KEY_VERSION = 2  # bump when the key's ingredients change (2: module settings, not repr)
+
+# Data keys that do not change the training images, so they stay out of the phase-1 cache key
+# (synthetic data draws its test images after its training images).
+NOT_TRAINING_DATA = ("root", "download", "test_limit", "n_test")
 
 
 def user_cache_dir() -> Path:
@@ -175,3 +181,17 @@ class Phase1Cache:
             log.info("the other job released the phase-1 lock after %.1f s",
                      time.monotonic() - waiting_since)
         return True
+
+
+def phase1_cache(cfg: DictConfig, model: nn.Module, schedule: Any,
+                 device: torch.device) -> Phase1Cache | None:
+    """The phase-1 cache of a run whose `schedule` (an engine.Schedule) trains `model`'s body
+    first (engine.has_phase1: the caller asks, as the engine imports this module), keyed on
+    the body's current weights; None with `cache=false`."""
+    if not cfg.cache:
+        return None
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+            if k not in NOT_TRAINING_DATA}
+    settings = {"data": data, "input_scale": cfg.model.input_scale, "seed": cfg.seed,
+                "unsupervised": asdict(schedule.unsupervised), "device": device.type}
+    return Phase1Cache(phase1_key(model.body, settings))

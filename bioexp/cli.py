@@ -83,9 +83,9 @@ def train_command(args: Sequence[str]) -> None:
     sys.argv = ["bioexp train", *resume_arguments(args)]
     register_resolvers()
     logging.getLogger("submitit").addFilter(SacctOnce())
-    from bioexp.train import main as hydra_main
+    from bioexp.app import main as hydra_main
 
-    hydra_main()  # a multirun with failed jobs exits 1 here, naming them (train.SweepReport)
+    hydra_main()  # a multirun with failed jobs exits 1 here, naming them (app.SweepReport)
 
 
 def _table(title: str, rows: Sequence[Sequence[str]]) -> list[str]:

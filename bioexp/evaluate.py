@@ -15,77 +15,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import bioexp.models  # noqa: F401  (registers the built-in models)
-from bioexp.data import Dataset, Split, load_dataset
-from bioexp.errors import ConfigError
-from bioexp.records import (
-    CHECKPOINT,
-    METRICS,
-    SUMMARY,
-    load_checkpoint,
-    read_json,
-    read_metrics,
-    write_json,
-)
-from bioexp.registry import build_model, parameter_counts
+from bioexp.data import Split
+from bioexp.records import write_json
+from bioexp.registry import parameter_counts
 from bioexp.robustness import EVAL_DIR, write_fgsm
+from bioexp.runs import TrainedRun, load_run  # noqa: F401  (cli.py: evaluate.load_run)
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
-
-
-@dataclass
-class TrainedRun:
-    path: Path
-    cfg: DictConfig
-    model: nn.Module
-    data: Dataset
-    summary: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return f"{self.cfg.model.name} ({self.path.name})"
-
-    @property
-    def metrics(self) -> list[dict[str, Any]]:
-        """The rows of the run's metrics.jsonl, one per evaluation, as the folder holds them."""
-        return read_metrics(self.path / METRICS)
-
-
-def read_weights(path: Path) -> dict[str, Any]:
-    """A checkpoint's weights and config. Any bioexp checkpoint has them, including those
-    written before the resumable format, so older runs can be evaluated too."""
-    checkpoint = load_checkpoint(path, "evaluate")
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise ConfigError(f"{path} is not a bioexp checkpoint (it has no model and config)")
-    return checkpoint
-
-
-def load_run(folder: Path, device: torch.device, test_limit: int | None = None) -> TrainedRun:
-    """The trained model of a run folder (its last checkpoint), with the run's test data."""
-    from bioexp.config import model_hyperparameters
-    from bioexp.train import load_model_state
-
-    if not folder.is_dir():
-        raise ConfigError(f"{folder} is not a folder")
-    checkpoint = read_weights(folder / CHECKPOINT)
-    cfg = OmegaConf.create(checkpoint["config"])
-    if test_limit is not None:
-        cfg.data.test_limit = test_limit
-    data = load_dataset(cfg.data, cfg.model.input_scale, device)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes,
-                        **model_hyperparameters(cfg))
-    load_model_state(model, checkpoint["model"], folder, cfg.model.name)
-    summary = read_json(folder / SUMMARY) if (folder / SUMMARY).is_file() else {}
-    return TrainedRun(folder, cfg, model.to(device).eval(), data, summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,8 +97,7 @@ def evaluate_run(run: TrainedRun, eps_list: list[float], embed_samples: int = 20
                  batch_size: int = 1000) -> dict[str, Any]:
     """Measure one run and write eval/*.json and plots/{fgsm,embedding,confusion}.png, and,
     for models with local-rule layers, plots/receptive_fields.png (and win_counts.png)."""
-    from bioexp.plots import plot_confusion, plot_embedding, plot_fgsm
-    from bioexp.train import plot_local_layer
+    from bioexp.plots import plot_confusion, plot_embedding, plot_fgsm, plot_local_layer
 
     model, test = run.model, run.data.test
     fgsm = write_fgsm(model, test, eps_list, run.cfg.model.input_scale, run.path, batch_size)

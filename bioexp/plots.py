@@ -158,6 +158,40 @@ def plot_win_counts(wins: torch.Tensor, path: Path, title: str = "") -> Path:
     return path
 
 
+def draw_plots(run_dir: Path, rows: list[dict], title: str, model: torch.nn.Module | None = None,
+               input_shape: tuple[int, ...] | None = None) -> None:
+    """A run's figures from what it got to: curves and alignment from its metrics rows, the
+    local layer's receptive fields and win counts from its model (once it was built)."""
+    from bioexp.alignment import layer_roles  # here: importing plots needs no torch
+
+    if rows:
+        plot_curves(rows, run_dir / "plots" / "curves.png", title=title)
+        plot_alignment(rows, run_dir / "plots" / "alignment.png", title=title,
+                       labels=layer_roles(model) if model is not None else None)
+    if model is not None:
+        plot_local_layer(model, input_shape, run_dir / "plots", title)
+
+
+def plot_local_layer(model: torch.nn.Module, input_shape: tuple[int, ...], folder: Path,
+                     title: str) -> None:
+    """plots/receptive_fields.png (when the first local-rule layer sees the image itself; its
+    most-used units when it counts wins) and plots/win_counts.png (when it has competing units),
+    unless its weights are not finite."""
+    from bioexp.engine import local_layers  # here: importing plots needs no torch
+
+    layers = local_layers(model)
+    if not layers:
+        return
+    weights, wins = layers[0].receptive_fields(), layers[0].unit_usage()
+    if hasattr(layers[0], "field_shape"):  # a convolution: one unit sees a patch
+        input_shape = layers[0].field_shape()
+    if weights is not None and weights.isfinite().all():
+        plot_receptive_fields(weights, input_shape, folder / "receptive_fields.png", title,
+                              usage=wins)
+    if wins is not None and wins.sum() > 0:
+        plot_win_counts(wins, folder / "win_counts.png", title)
+
+
 def group_colors(n: int) -> list[tuple[float, float, float, float]]:
     """`n` distinct colours: tab10 up to 10; tab20 up to 20 (its ten strong colours first,
     then their light partners); beyond, evenly spaced along the continuous turbo map."""
@@ -242,10 +276,29 @@ def _bar_panel(ax: plt.Axes, finals: dict[str, list[float]], colors: dict[str, t
     ax.set_xticks(range(len(labels)), ticks, rotation=30 if slanted else 0,
                   ha="right" if slanted else "center", rotation_mode="anchor",
                   fontsize="x-small" if many else "small")
-    top = max((m + s for m, s in zip(means, stds, strict=True)), default=0.0) * 1.2 or 1.0
-    ax.set(ylabel=f"final {metric}", title=f"final {metric} per group",
-           ylim=(0, min(top, 1.15) if metric.endswith("acc") else top))
+    measured = [(m - s, m + s) for m, s, v in zip(means, stds, finals.values(), strict=True) if v]
+    if metric.endswith("acc") and measured:
+        bottom, top = zoomed_range([lo for lo, _ in measured], [hi for _, hi in measured])
+        top += 0.15 * (top - bottom)  # room for the values above the bars
+        label = f"final {metric} (axis from {bottom:g})" if bottom > 0 else f"final {metric}"
+    else:
+        bottom, top, label = 0.0, max((hi for _, hi in measured), default=0.0) * 1.2 or 1.0, \
+            f"final {metric}"
+    ax.set(ylabel=label, title=f"final {metric} per group", ylim=(bottom, top))
     ax.grid(alpha=0.3, axis="y")
+
+
+def zoomed_range(lows: Sequence[float], highs: Sequence[float],
+                 limit: float = 1.0) -> tuple[float, float]:
+    """An axis from a little below the lowest value to a little above the highest, on a 0.05
+    grid within [0, limit], so that bars of 0.763 and 0.810 differ visibly (from 0 they look
+    alike); the axis's label must then say where it starts."""
+    if not lows:
+        return 0.0, limit
+    low, high = min(lows), max(highs)
+    margin = max(0.1 * (high - low), 0.02)
+    return (max(0.0, math.floor((low - margin) * 20) / 20),
+            min(limit, math.ceil((high + margin) * 20) / 20))
 
 
 def plot_fgsm(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path,
@@ -321,11 +374,16 @@ def plot_leaderboard(rows: Sequence[tuple[str, float, float | None, bool]], path
     for bar, (*_, control) in zip(ax.patches, rows, strict=True):
         if control:
             bar.set_hatch("///")
-    for i, (_, mean, _, _) in enumerate(rows):
-        ax.text(mean + 0.01, i, f"{mean:.3f}", va="center", fontsize=8)
+    left, right = zoomed_range([row[1] - (row[2] or 0.0) for row in rows],
+                               [row[1] + (row[2] or 0.0) for row in rows])
+    room = 0.12 * (right - left)  # for the values beside the bars
+    for i, (_, mean, std, _) in enumerate(rows):
+        ax.text(mean + (std or 0.0) + 0.15 * room, i, f"{mean:.3f}", va="center", fontsize=8)
     ax.set_yticks(y, [row[0] for row in rows], fontsize=8)
-    ax.set_xlim(0, 1.08)
-    ax.set_xlabel("test accuracy (mean over seeds; grey, hatched: random-feature controls)")
+    ax.set_xlim(left, right + room)
+    start = f" (axis from {left:g})" if left > 0 else ""
+    ax.set_xlabel(f"test accuracy, mean over seeds{start}\n"
+                  "grey, hatched: random-feature controls")
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title)

@@ -80,6 +80,6 @@ def test_compare_shows_which_runs_are_controls(tmp_path: Path, make_cfg) -> None
     run(make_cfg(*KROTOV, "control=random_features"), tmp_path / "control")
     run(make_cfg(*KROTOV), tmp_path / "trained")
     table = run_table(find_runs(tmp_path))
-    assert table.column("control") == ["random_features", None]
+    assert table.column("control") == ["random_features", "-"]  # "-": not a control
     plain = run_table([r for r in find_runs(tmp_path) if r.path.name == "trained"])
     assert "control" not in plain.header

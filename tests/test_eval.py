@@ -17,18 +17,12 @@ from omegaconf import OmegaConf
 from bioexp import plots
 from bioexp.data import Dataset, Split
 from bioexp.engine import local_layers
-from bioexp.evaluate import (
-    TrainedRun,
-    evaluate_run,
-    forward_flops,
-    last_hidden_layer,
-    load_run,
-    pca_2d,
-)
+from bioexp.evaluate import evaluate_run, forward_flops, last_hidden_layer, pca_2d
 from bioexp.layers.feedback import exact_backprop
 from bioexp.records import read_json
 from bioexp.registry import build_model
 from bioexp.robustness import PIXEL_RANGE, fgsm_accuracy, fgsm_inputs, input_gradient_sign
+from bioexp.runs import TrainedRun, load_run
 
 # Enough synthetic data and epochs for a model that is really trained (test accuracy near 1).
 TRAINED = ("data=synthetic", "data.n_train=2000", "data.n_test=500", "schedule.supervised.epochs=4",

@@ -10,6 +10,7 @@ import torch
 from conftest import TINY
 from omegaconf import OmegaConf
 
+from bioexp.cache import phase1_cache
 from bioexp.config import MODEL_META_KEYS
 from bioexp.engine import Schedule, UnsupervisedPhase
 from bioexp.errors import ConfigError
@@ -19,7 +20,7 @@ from bioexp.models.krotov import bio_loss
 from bioexp.records import read_metrics
 from bioexp.registry import build_model
 from bioexp.rules.krotov import krotov_update, krotov_update_dense, normalized_step
-from bioexp.train import phase1_cache, run, seed_everything
+from bioexp.train import run, seed_everything
 
 KROTOV_MODELS = ["krotov_fc", "krotov_fa", "krotov_biocell_fc", "krotov_biocell_fa"]
 

@@ -17,8 +17,9 @@ from conftest import TINY, bioexp_command
 
 from bioexp import cache as cache_module
 from bioexp.cache import Phase1Cache, user_cache_dir
+from bioexp.engine.stop import StopRequest
 from bioexp.records import read_json
-from bioexp.train import StopRequest, run
+from bioexp.train import run
 
 fcntl = pytest.importorskip("fcntl")  # POSIX; elsewhere there is no lock (tested below too)
 WAITING = "waiting for another job training the same phase 1"

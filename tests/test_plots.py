@@ -139,6 +139,27 @@ def test_comparison_gives_every_group_its_own_colour(figures, tmp_path: Path, gr
     assert ticks[0] == "g0 (n=2)"
 
 
+def test_accuracy_bars_start_their_axis_near_the_lowest_value(figures, tmp_path: Path) -> None:
+    """0.763, 0.794 and 0.810 on an axis from 0 look the same height; the axis starts near the
+    lowest (and says so), the error bars kept."""
+    finals = {"fa": [0.763, 0.765], "bp": [0.794, 0.790], "krotov": [0.810, 0.812]}
+    curves = {name: [[(1, v[0])]] for name, v in finals.items()}
+    plots.plot_comparison(curves, finals, tmp_path / "compare.png")
+    ax_bar = figures["compare.png"].axes[1]
+    bottom, top = ax_bar.get_ylim()
+    assert 0.65 <= bottom <= 0.76 and 0.81 < top < 0.9
+    assert "axis from 0.7" in ax_bar.get_ylabel()
+    assert len(ax_bar.lines) + len(ax_bar.collections) > 0  # the error bars
+    plots.plot_comparison(curves, {"t": [120.0], "u": [80.0]}, tmp_path / "time.png",
+                          metric="wall_time_s")
+    assert figures["time.png"].axes[1].get_ylim()[0] == 0  # not an accuracy: from 0
+    rows = [("fa", 0.763, 0.002, False), ("bp", 0.794, 0.003, False), ("bp r", 0.77, None, True)]
+    plots.plot_leaderboard(rows, tmp_path / "board.png")
+    ax = figures["board.png"].axes[0]
+    assert 0.65 <= ax.get_xlim()[0] <= 0.75 and "axis from 0.7" in ax.get_xlabel()
+    assert plots.zoomed_range([0.01], [0.05]) == (0.0, 0.1)  # never below 0
+
+
 def test_confusion_and_embedding_name_the_classes(figures, tmp_path: Path) -> None:
     names = ("T-shirt/top", "Trouser", "Pullover")
     counts = torch.tensor([[5, 1, 0], [0, 6, 0], [2, 0, 4]])

@@ -29,8 +29,9 @@ from conftest import (
 )
 
 from bioexp.data.sources import IDX_FILES, SOURCES, locate, read_arrays
+from bioexp.engine.stop import StopRequest
 from bioexp.records import read_json, read_metrics
-from bioexp.train import StopRequest, read_checkpoint
+from bioexp.runs import read_checkpoint
 
 TIME_FIELDS = ("elapsed_s", "epoch_time_s", "samples_per_s")
 # Dropout draws from the global RNG and batch 32 gives 63 steps per epoch, so a resumed run only

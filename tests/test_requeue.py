@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from bioexp.engine.state import Interrupted
-from bioexp.train import StopRequest, checkpoint_before_requeue
+from bioexp.engine.stop import StopRequest, checkpoint_before_requeue
 
 
 class Requeuer:

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import TINY, output_of
 
+from bioexp.app import objective
 from bioexp.records import read_json
-from bioexp.train import objective
 
 
 def _summaries(sweep: Path) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The engine's side of local-rule layers: finding them, letting them learn, and checking them.
+"""The engine's side of local-rule layers: finding them, letting them learn, checking them, and
+leaving them untrained in a random-feature control (`control=...`).
 
 Local layers are found by `isinstance(module, LocalLayer)`. While `local_learning` is active,
 each applies its rule after every forward pass, under `torch.no_grad()`, to the input it saw
@@ -21,6 +22,19 @@ log = logging.getLogger(__name__)
 
 def local_layers(model: nn.Module) -> list[LocalLayer]:
     return [m for m in model.modules() if isinstance(m, LocalLayer)]
+
+
+def start_control(model: nn.Module, control: str) -> None:
+    """A random-feature control: its local-rule layers never learn (Schedule.local_rules), and
+    with `gaussian_features` their weights are first redrawn as Gaussian projections."""
+    layers = local_layers(model)
+    if control == "gaussian_features":
+        for layer in layers:
+            layer.gaussian_init_()
+    count = f"{len(layers)} local-rule layer" + ("" if len(layers) == 1 else "s")
+    log.info("control=%s: %s left untrained, %s", control, count,
+             "redrawn as Gaussian projections" if control == "gaussian_features"
+             else "at their initial weights")
 
 
 @contextmanager
