@@ -35,9 +35,10 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from bioexp import runs
-from bioexp.checks import preflight, resolve_device, starts_afresh, task_config, unwritable
+from bioexp.checks import preflight, resolve_device, starts_afresh, task_config
 from bioexp.config import config_dir
 from bioexp.errors import BioexpError, ConfigError
+from bioexp.folders import unwritable
 from bioexp.overrides import override_problem, resume_arguments
 from bioexp.runs import TrainedRun, resumed_config
 from bioexp.train import run as train_run

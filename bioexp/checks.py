@@ -12,9 +12,7 @@ behind for `bioexp compare` to list.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from bioexp.data import dataset_plan
 from bioexp.engine import Schedule, local_layers
 from bioexp.engine.schedule import group_error
 from bioexp.errors import BioexpError, ConfigError, DeviceError, refuse
+from bioexp.folders import unwritable
 from bioexp.loggers import check_loggers
 from bioexp.records import CHECKPOINT
 from bioexp.registry import build_model, check_hyperparameters
@@ -89,24 +88,6 @@ def check_optimizer(cfg: DictConfig) -> None:
             supervised.lr_schedule(optimizer)
     except Exception as exc:  # torch raises many kinds for a bad argument
         raise group_error(cfg, group, exc) from None
-
-
-def unwritable(folder: Path) -> str | None:
-    """Why `folder` cannot be created and written, or None when it can. It tries both for real
-    (permissions alone do not tell: root may not write into /proc) and leaves nothing behind."""
-    folder = folder.absolute()
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        return f"{exc.filename or folder}: {exc.strerror or exc}"
-    finally:
-        for path in missing:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-    return None
 
 
 def starts_afresh(run_dir: str | Path) -> bool:

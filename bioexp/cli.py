@@ -55,23 +55,19 @@ def register_resolvers() -> None:
 class SacctOnce(logging.Filter):
     """submitit asks `sacct` for the states of its SLURM jobs now and then. On a cluster that keeps
     no job accounting every call fails with the same warning; this filter on the `submitit`
-    logger says so once, in words, and drops the repeats (submitit still sees each job end by
-    its result file)."""
-
-    said = False
+    logger drops them, and at the first one `bioexp.slurm.without_sacct` says so once, in words,
+    and stops submitit calling sacct (whose own complaint would follow every poll); submitit
+    still sees each job end by its result file. (`bioexp.slurm.SlurmCheck` usually finds out
+    before the first poll.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "Bypassing sacct error" not in str(record.msg):
             return True
-        if self.said:
-            return False
-        self.said = True
+        from bioexp.slurm import without_sacct
+
         detail = record.getMessage().split("Bypassing sacct error", 1)[1].split(", status")[0]
-        record.msg = ("sacct failed (%s), so SLURM's job states are unknown here (a cluster "
-                      "without job accounting?); submitit follows the jobs by their result "
-                      "files, and later sacct failures are not logged")
-        record.args = (detail.strip(),)
-        return True
+        without_sacct(detail.strip().rstrip(",") or "it failed")
+        return False
 
 
 def train_command(args: Sequence[str]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bioexp.config import flatten
 from bioexp.errors import ConfigError
+from bioexp.folders import unwritable
+from bioexp.net import http_answer, tcp_unreachable
+from bioexp.overrides import install_hint
 from bioexp.records import SUMMARY
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,9 @@ PARAM_LIMIT = 6000  # characters of an MLflow param value
 
 
 def check_loggers(cfg: DictConfig) -> None:
-    """`loggers` names known loggers whose packages are installed; ConfigError otherwise."""
+    """`loggers` names known loggers whose packages are installed, and MLflow's store can be
+    used; ConfigError otherwise. (TensorBoard writes into the run folder, which the preflight
+    checks itself.)"""
     names = cfg.get("loggers") or []
     if not OmegaConf.is_list(names) and not isinstance(names, list):
         raise ConfigError(f"loggers must be a list such as [tensorboard] or [mlflow], got "
@@ -52,8 +58,109 @@ def check_loggers(cfg: DictConfig) -> None:
                               f"{', '.join(LOGGERS)}")
         module, extra = LOGGERS[name]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"loggers=[{name}] needs the {module} package: pip install "
-                              f"'bioexp[{extra}]'")
+            raise ConfigError(f"loggers=[{name}] needs the {module} package: "
+                              f"{install_hint(extra)}")
+    if "mlflow" in names:
+        problem = mlflow_store_problem(OmegaConf.select(cfg, "mlflow.tracking_uri"))
+        if problem:
+            raise ConfigError(problem)
+
+
+# What to use instead of a tracking URI that cannot work.
+MLFLOW_INSTEAD = ("use a SQLite database (mlflow.tracking_uri=sqlite:///outputs/mlflow.db, the "
+                  "default when null) or a running MLflow server's http:// URL")
+FILE_STORE_OPT_IN = "MLFLOW_ALLOW_FILE_STORE"
+
+
+def mlflow_store_problem(uri: str | None) -> str | None:
+    """One sentence on why MLflow cannot keep runs at `uri` (None: the default store), found
+    without creating anything: a scheme MLflow does not know, a plain folder (MLflow 3 refuses
+    it unless MLFLOW_ALLOW_FILE_STORE=true), a database or folder that cannot be written, a
+    server that does not answer within a couple of seconds. None when nothing is wrong."""
+    key = f"mlflow.tracking_uri={uri}"
+    if not uri:
+        database = Path("outputs") / "mlflow.db"
+        problem = unwritable(database.parent)
+        return None if problem is None else (
+            f"loggers=[mlflow] keeps its runs in {database} by default, which cannot be "
+            f"written: {problem}; name another store with mlflow.tracking_uri=sqlite:///PATH "
+            "or a server's http:// URL")
+    uri = str(uri)
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0]
+    if len(scheme) == 1:  # a Windows drive letter
+        scheme = ""
+    if scheme in ("", "file"):
+        if file_store_refused():
+            return (f"{key}: MLflow refuses a plain folder as its store (unless "
+                    f"{FILE_STORE_OPT_IN}=true); {MLFLOW_INSTEAD}")
+        folder = Path(urllib.parse.urlsplit(uri).path if scheme else uri).expanduser()
+        problem = unwritable(folder)
+        return None if problem is None else f"{key} cannot be written: {problem}"
+    if scheme == "sqlite":
+        database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+        if database is None:
+            return f"{key} is not a SQLite URI; write sqlite:///PATH (four slashes for /PATH)"
+        for module in ("sqlalchemy", "alembic"):
+            if importlib.util.find_spec(module) is None:
+                return f"{key} needs the {module} package: {install_hint('mlflow')}"
+        if not database or database == ":memory:":
+            return f"{key} keeps nothing after the run; name a file: sqlite:///PATH"
+        problem = unwritable(Path(database).parent)
+        return None if problem is None else f"{key} cannot be written: {problem}"
+    known = _mlflow_schemes()
+    if known is not None and scheme not in known:
+        return (f"{key}: MLflow knows no store of scheme {scheme}:// (it takes "
+                f"{', '.join(sorted(s for s in known if s))}); {MLFLOW_INSTEAD}")
+    if scheme in ("http", "https"):
+        problem = mlflow_server_problem(uri)
+        return None if problem is None else (
+            f"{key}: {problem}; {MLFLOW_INSTEAD}")
+    if scheme in ("postgresql", "mysql", "mssql"):
+        reason = tcp_unreachable(uri)
+        return None if reason is None else f"{key}: the database server {reason}"
+    return None  # databricks and the like: credentials and workspaces are MLflow's business
+
+
+# What a bioexp run asks a tracking server first; an MLflow server answers it in JSON, with
+# 200 or an error code such as RESOURCE_DOES_NOT_EXIST.
+MLFLOW_PROBE = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=bioexp"
+
+
+def mlflow_server_problem(uri: str) -> str | None:
+    """Why `uri` is not an MLflow tracking server that answers within a couple of seconds, or
+    None. An answer that asks for credentials passes: MLflow reads them from its own variables."""
+    answer = http_answer(uri.rstrip("/") + MLFLOW_PROBE)
+    if isinstance(answer, str):
+        return f"no tracking server answers there ({answer})"
+    status, body = answer
+    if status == 200 or status in (401, 403) or '"error_code"' in body:
+        return None
+    return f"the server there answers HTTP {status}, not as an MLflow tracking server"
+
+
+def file_store_refused() -> bool:
+    """Whether this MLflow refuses a folder as its store: MLflow 3 does, unless
+    MLFLOW_ALLOW_FILE_STORE is true (the variable exists only in the versions that refuse)."""
+    try:
+        from mlflow import environment_variables
+    except ImportError:
+        return False
+    allow = getattr(environment_variables, FILE_STORE_OPT_IN, None)
+    try:
+        return allow is not None and not allow.get()
+    except ValueError:  # a value MLflow cannot read (it then refuses too)
+        return True
+
+
+def _mlflow_schemes() -> set[str] | None:
+    """The URI schemes MLflow's tracking store registry knows, or None when that private
+    registry is not where it was (then any scheme passes this check)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    except ImportError:
+        return None
+    schemes = getattr(_tracking_store_registry, "_registry", None)
+    return set(schemes) if isinstance(schemes, dict) else None
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
@@ -205,6 +312,7 @@ def mlflow_store(cfg: DictConfig) -> tuple[str, str | None]:
         uri = f"sqlite:///{root / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///")).resolve()
+        database.parent.mkdir(parents=True, exist_ok=True)  # SQLite makes no folders
         return uri, (database.parent / "mlruns").as_uri()
     return uri, None
 

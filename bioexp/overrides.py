@@ -11,6 +11,18 @@ from pathlib import Path
 from bioexp.config import RESUME_FREE_KEYS, retired_key
 from bioexp.errors import ConfigError
 
+
+def install_hint(extra: str) -> str:
+    """The command that installs this project's `extra`. PyPI's `bioexp` is another project, so
+    the hint installs from bioexp's checkout: by its path when bioexp runs from one (an editable
+    install), else from wherever the user keeps it."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "bioexp"' in pyproject.read_text(errors="replace"):
+        return f"pip install -e '{root}[{extra}]'"
+    return f"pip install -e '.[{extra}]' in bioexp's checkout"
+
+
 # Hydra plugins behind config choices: (override, value) -> (plugin module, pip extra).
 PLUGINS = {
     **{("hydra/launcher", name): ("hydra_plugins.hydra_joblib_launcher", "sweep")
@@ -30,7 +42,7 @@ def missing_plugin(args: Sequence[str]) -> str | None:
         if plugin and importlib.util.find_spec(plugin[0]) is None:
             package = plugin[0].split(".")[-1].replace("_", "-")
             return (f"{arg} needs the Hydra plugin {package}, which is not installed: "
-                    f"pip install 'bioexp[{plugin[1]}]'")
+                    f"{install_hint(plugin[1])}")
     return None
 
 

@@ -148,8 +148,9 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data, cfg.model.input_scale, device)
     model = configured_model(cfg, data).to(device)
-    if saved is None:
-        model.load_sources()  # from now on this run's own checkpoint holds those weights
+    loaded = model.load_sources() if saved is None else None  # then in this run's checkpoint
+    if loaded:
+        log.info("%s", loaded)
     built.update(model=model, input_shape=data.input_shape)
     if cfg.get("control") is not None:
         start_control(model, cfg.control)

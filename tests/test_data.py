@@ -276,6 +276,91 @@ def test_no_download_when_the_data_is_on_disk(clean_data_env, monkeypatch):
     assert len(ds.train) == N_TRAIN
 
 
+def test_a_failed_download_names_its_reason_and_no_switch_already_on(clean_data_env,
+                                                                      monkeypatch):
+    """torchvision's MNIST error spans lines (`Error downloading X:`, then `Tried <mirror>, got:`
+    and the error); the sentence keeps all of it, and does not ask for data.download=true."""
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _failing_dataset(RuntimeError(
+        "Error downloading train-images-idx3-ubyte.gz:\nTried https://a.example/, got:\n"
+        "<urlopen error [Errno -2] Name or service not known>\n")))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(data_cfg("mnist", download=True), "unit")
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert ("the download failed (RuntimeError: Error downloading train-images-idx3-ubyte.gz; "
+            "tried https://a.example/: <urlopen error [Errno -2] Name or service not known>)"
+            ) in message
+    assert "data.download=true" not in message
+    assert "download them where there is internet (bioexp data mnist --download" in message
+
+
+def serve(status: int):
+    """A local HTTP server answering every HEAD and GET with `status`; (url, stop)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802  (http.server's name)
+            self.send_response(status)
+            self.end_headers()
+
+        do_GET = do_HEAD  # noqa: N815
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/mnist/x.gz", server.shutdown
+
+
+def test_the_preflight_knows_a_download_cannot_work_before_any_folder(clean_data_env,
+                                                                      monkeypatch, tmp_path):
+    """No mirror answers (here: a refused port and a server without the file): one line, exit 2,
+    no run folder, nothing downloaded, within the probe's couple of seconds."""
+    from conftest import TINY, train_here
+
+    from bioexp.data import dataset_plan
+
+    missing, stop = serve(404)
+    try:
+        monkeypatch.setattr(data_sources, "download_urls",
+                            lambda source: ["http://127.0.0.1:9/mnist/x.gz", missing])
+        with pytest.raises(DataError) as excinfo:
+            dataset_plan(data_cfg("mnist", download=True))
+        run_dir = tmp_path / "run"
+        args = [a for a in TINY if not a.startswith("data")]
+        assert train_here(*args, "data=mnist", f"hydra.run.dir={run_dir}") == 2
+    finally:
+        stop()
+    message = str(excinfo.value)
+    assert "it cannot be downloaded here: no download mirror answers (127.0.0.1: Connection " \
+           "refused; 127.0.0.1: HTTP 404)" in message
+    assert "data.download=true" not in message and "bioexp data mnist --download" in message
+    assert not run_dir.exists() and not clean_data_env["cache"].exists()
+
+
+def test_the_preflight_lets_a_download_start_when_a_mirror_answers(clean_data_env,
+                                                                   monkeypatch):
+    from bioexp.data import dataset_plan
+
+    url, stop = serve(200)
+    try:
+        monkeypatch.setattr(data_sources, "download_urls", lambda source: [url])
+        assert dataset_plan(data_cfg("mnist", download=True)) == ((1, 28, 28), 10)
+    finally:
+        stop()
+    assert not clean_data_env["cache"].exists()  # nothing downloaded yet
+
+
+def test_the_download_urls_are_torchvision_s(clean_data_env):
+    urls = data_sources.download_urls(data_sources.SOURCES["mnist"])
+    assert urls == [f"{mirror}train-images-idx3-ubyte.gz"
+                    for mirror in torchvision.datasets.MNIST.mirrors]
+    assert data_sources.download_urls(data_sources.SOURCES["cifar10"]) == \
+        [torchvision.datasets.CIFAR10.url]
+
+
 # --- reading idx files ---------------------------------------------------------------------
 
 

@@ -690,6 +690,8 @@ def test_cnn_fa_resumes_and_evaluates_after_its_source_run_is_deleted(bioexp, tm
     resumed = bioexp("train", f"resume={run_dir}", cwd=elsewhere)
     assert resumed.returncode == 0, output_of(resumed)
     assert read_json(run_dir / "summary.json")["status"] == "completed"
+    loaded = "model.conv_from: 2 convolution layers loaded from cnn/checkpoints/last.pt, frozen"
+    assert (run_dir / "train.log").read_text().count(loaded) == 1  # when it started, only
     evaluated = bioexp("eval", str(run_dir), "--eps", "0,0.1", cwd=elsewhere)
     assert evaluated.returncode == 0, output_of(evaluated)
     loaded = bioexp_api.load_run(run_dir)

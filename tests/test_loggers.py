@@ -8,11 +8,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import TINY, output_of
+from conftest import TINY, assert_clean_failure, output_of
 from test_reliability import LONG, start, wait_for_rows
 
 from bioexp.errors import ConfigError
-from bioexp.loggers import MLFLOW_STATUS, check_loggers
+from bioexp.loggers import MLFLOW_STATUS, check_loggers, mlflow_server_problem, mlflow_store_problem
 from bioexp.records import read_json, read_metrics
 from bioexp.train import run
 
@@ -130,8 +130,97 @@ def test_unknown_or_missing_loggers_are_one_line_errors(make_cfg, monkeypatch, b
     with pytest.raises(ConfigError, match="unknown logger 'wandb'"):
         check_loggers(make_cfg("loggers=[wandb]"))
     monkeypatch.setattr("bioexp.loggers.importlib.util.find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=r"pip install 'bioexp\[mlflow\]'"):
+    with pytest.raises(ConfigError) as error:
         check_loggers(make_cfg("loggers=[mlflow]"))
+    root = Path(__file__).resolve().parents[1]  # this project's checkout, not PyPI's BioExp
+    assert str(error.value).endswith(f"pip install -e '{root}[mlflow]'"), error.value
     result = bioexp("train", *TINY, "loggers=[wandb]")
     assert result.returncode == 2
     assert output_of(result).strip().splitlines()[-1].startswith("bioexp: error: loggers:")
+
+
+@pytest.mark.parametrize(("uri", "says"), [
+    ("file:///{tmp}/mlruns", "MLflow refuses a plain folder"),
+    ("{tmp}/mlruns", "MLflow refuses a plain folder"),
+    ("http://127.0.0.1:9", "no tracking server answers there"),
+    ("sqlite:////proc/no/such/mlflow.db", "cannot be written"),
+    ("weird://store", "MLflow knows no store of scheme weird://"),
+])
+def test_an_mlflow_store_that_cannot_work_is_one_line_before_any_folder(
+        bioexp, tmp_path: Path, uri: str, says: str) -> None:
+    pytest.importorskip("mlflow")
+    uri = uri.format(tmp=tmp_path)
+    result = bioexp("train", *TINY, "loggers=[mlflow]", f"mlflow.tracking_uri={uri}",
+                    f"hydra.run.dir={tmp_path / 'run'}", env={"MLFLOW_ALLOW_FILE_STORE": "false"},
+                    timeout=60)
+    output = assert_clean_failure(result, tmp_path, f"mlflow.tracking_uri={uri}", says)
+    assert output.strip().splitlines()[-1].startswith("bioexp: error: mlflow.tracking_uri=")
+    if "plain folder" in says or "answers" in says:  # says what to use instead
+        assert "sqlite:///outputs/mlflow.db" in output, output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_folder_store_passes_where_mlflow_is_told_to_allow_it(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert mlflow_store_problem(f"file://{tmp_path}/mlruns") is None
+    assert mlflow_store_problem(str(tmp_path / "mlruns")) is None
+    assert mlflow_store_problem("/proc/no/such/mlruns").startswith(
+        "mlflow.tracking_uri=/proc/no/such/mlruns cannot be written")
+    assert not (tmp_path / "mlruns").exists()  # the check leaves nothing behind
+
+
+@pytest.mark.parametrize(("status", "body", "passes"), [
+    (404, '{"error_code": "RESOURCE_DOES_NOT_EXIST"}', True),  # MLflow: no such experiment
+    (200, '{"experiment": {}}', True),
+    (401, "", True),  # credentials: MLflow's own variables
+    (404, "<html>not here</html>", False),  # some other web server
+])
+def test_a_tracking_server_must_answer_as_mlflow(status: int, body: str, passes: bool) -> None:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        problem = mlflow_server_problem(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert (problem is None) == passes, problem
+    if not passes:
+        assert problem == f"the server there answers HTTP {status}, not as an MLflow tracking " \
+            "server"
+
+
+def test_a_phase_1_cache_hit_still_logs_phase_1s_row(make_cfg, tmp_path: Path) -> None:
+    """The second run loads phase 1 from the cache; its metrics.jsonl and TensorBoard still hold
+    the phase's last row, with the loaded layers' statistics (the trained run's), marked cached."""
+    pytest.importorskip("tensorboard")
+    overrides = (*TINY, "model=krotov_fc", "model.hidden=32", "model.head=[16]",
+                 "schedule.unsupervised.batch_size=64", "loggers=[tensorboard]")
+    assert run(make_cfg(*overrides), tmp_path / "trained")["phase1_cache"]["status"] == "miss"
+    assert run(make_cfg(*overrides), tmp_path / "hit")["phase1_cache"]["status"] == "hit"
+    [trained] = [r for r in read_metrics(tmp_path / "trained" / "metrics.jsonl")
+                 if r["phase"] == "unsupervised"]
+    [cached] = [r for r in read_metrics(tmp_path / "hit" / "metrics.jsonl")
+                if r["phase"] == "unsupervised"]
+    assert cached.pop("cached") is True and "cached" not in trained
+    for key in RUN_TIME:
+        trained.pop(key)
+    cached.pop("elapsed_s")
+    assert cached == trained  # epoch, step, lr and KrotovLayer0.* of the trained phase 1
+    assert "KrotovLayer0.units_converged" in cached
+    scalars = tensorboard_scalars(tmp_path / "hit")
+    assert scalars["unsupervised/KrotovLayer0.units_converged"] == [
+        (cached["step"], pytest.approx(cached["KrotovLayer0.units_converged"]))]

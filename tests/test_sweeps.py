@@ -105,9 +105,10 @@ def test_a_missing_plugin_is_named_with_its_extra(monkeypatch: pytest.MonkeyPatc
     from bioexp import overrides
 
     monkeypatch.setattr(overrides.importlib.util, "find_spec", lambda name: None)
+    checkout = Path(__file__).resolve().parents[1]  # this project, not PyPI's unrelated bioexp
     assert overrides.missing_plugin(["seed=1", "hydra/launcher=parallel"]) == (
         "hydra/launcher=parallel needs the Hydra plugin hydra-joblib-launcher, which is not "
-        "installed: pip install 'bioexp[sweep]'")
-    assert "bioexp[optuna]" in overrides.missing_plugin(["sweep=krotov_optuna"])
-    assert "bioexp[slurm]" in overrides.missing_plugin(["hydra/launcher=submitit_local"])
+        f"installed: pip install -e '{checkout}[sweep]'")
+    assert f"'{checkout}[optuna]'" in overrides.missing_plugin(["sweep=krotov_optuna"])
+    assert f"'{checkout}[slurm]'" in overrides.missing_plugin(["hydra/launcher=submitit_local"])
     assert overrides.missing_plugin(["model=cnn", "hydra/launcher=basic"]) is None

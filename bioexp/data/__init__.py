@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from bioexp.data.sources import SOURCES, find_or_download, read_arrays
+from bioexp.data.sources import SOURCES, check_available, find_or_download, read_arrays
 from bioexp.data.synthetic import make_synthetic
 from bioexp.errors import DataError
 
@@ -98,8 +98,9 @@ def check_val_size(val_size: int, n_train: int) -> None:
 def dataset_plan(cfg: DictConfig) -> tuple[tuple[int, int, int], int]:
     """(input shape, number of classes) of the configured dataset, known without reading it.
 
-    Checks what can be checked before any data is loaded: the dataset exists (on disk, unless
-    it may be downloaded) and `data.val_size` leaves training images; DataError otherwise.
+    Checks what can be checked before any data is loaded: the dataset is on disk, or it may be
+    downloaded and a download mirror answers; `data.val_size` leaves training images;
+    DataError otherwise.
     """
     if cfg.name == "synthetic":
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
@@ -107,8 +108,7 @@ def dataset_plan(cfg: DictConfig) -> tuple[tuple[int, int, int], int]:
     elif cfg.name in SOURCES:
         source = SOURCES[cfg.name]
         shape, classes, n_train = source.image_shape, len(source.class_names), source.n_train
-        if not cfg.download:
-            find_or_download(cfg.name, cfg.root, allow_download=False)
+        check_available(cfg.name, cfg.root, cfg.download)
     else:
         raise DataError(f"unknown dataset {cfg.name!r}; available: {', '.join(DATASETS)}")
     if cfg.train_limit is not None:

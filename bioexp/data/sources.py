@@ -14,6 +14,8 @@ import gzip
 import logging
 import os
 import pickle
+import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +116,39 @@ def locate(source: ImageSource, root: str | None) -> dict[str, Path] | None:
     return None
 
 
+def download_urls(source: ImageSource) -> list[str]:
+    """The URLs torchvision downloads the dataset's first file from, one per mirror."""
+    import torchvision.datasets as tvd
+
+    dataset_class = getattr(tvd, source.torchvision_class)
+    mirrors = getattr(dataset_class, "mirrors", None)
+    if mirrors:
+        first = dataset_class.resources[0]
+        return [f"{mirror}{first[0] if isinstance(first, tuple) else first}"
+                for mirror in mirrors]
+    return [dataset_class.url]
+
+
+def download_problem(source: ImageSource) -> str | None:
+    """Why the dataset cannot be downloaded from here, found in a couple of seconds by asking
+    each mirror for its first file (no mirror answers: no network, or a firewall); None when
+    one answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bioexp.net import http_answer
+
+    urls = download_urls(source)
+    with ThreadPoolExecutor(len(urls)) as pool:  # all mirrors at once: one wait, not one each
+        answers = list(pool.map(lambda url: http_answer(url, "HEAD"), urls))
+    reasons = []
+    for url, answer in zip(urls, answers, strict=True):
+        if isinstance(answer, tuple) and (answer[0] < 400 or answer[0] == 405):
+            return None
+        host = urllib.parse.urlsplit(url).hostname
+        reasons.append(f"{host}: {answer if isinstance(answer, str) else f'HTTP {answer[0]}'}")
+    return f"no download mirror answers ({'; '.join(reasons)})"
+
+
 def download(source: ImageSource, root: str | None) -> dict[str, Path]:
     """Download with torchvision into data.root, $BIOEXP_DATA or the cache; return the files."""
     import torchvision.datasets as tvd
@@ -126,8 +161,8 @@ def download(source: ImageSource, root: str | None) -> dict[str, Path]:
         for train in (True, False):
             dataset_class(str(dest), train=train, download=True)
     except Exception as exc:  # torchvision raises many kinds (URLError, RuntimeError, OSError)
-        raise DataError(_missing_message(source, root, f"the download failed ({_root_cause(exc)})")
-                        ) from None
+        raise DataError(_missing_message(source, root, f"the download failed "
+                                         f"({_root_cause(exc)})", tried=True)) from None
     files = locate(source, str(dest))
     if files is None:
         raise DataError(f"{source.name} was downloaded into {dest} but its files are not there")
@@ -135,10 +170,13 @@ def download(source: ImageSource, root: str | None) -> dict[str, Path]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost exception of a chain, in one line (e.g. the network error under a wrapper)."""
+    """The innermost exception of a chain, in one line (e.g. the network error under a wrapper).
+    A message of several lines (torchvision's `Error downloading X:` then one `Tried <mirror>,
+    got:` and its error per mirror) is joined into one."""
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = re.sub(r":? Tried (\S+), got: ", r"; tried \1: ", " ".join(lines))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -147,7 +185,9 @@ DOWNLOAD_KEY = "data.download=true"
 
 
 def _missing_message(source: ImageSource, root: str | None, why: str,
-                     download: str = DOWNLOAD_KEY) -> str:
+                    download: str = DOWNLOAD_KEY, tried: bool = False) -> str:
+    """The dataset is not on disk, because `why`: where bioexp looked and how to get it.
+    `tried`: downloads were on, so the remedy is a machine with internet, not the switch."""
     roots = [(label, str(base)) for label, base in search_roots(root)]
     if not os.environ.get("BIOEXP_DATA"):
         roots.insert(1 if root else 0, ("$BIOEXP_DATA", "not set"))
@@ -156,7 +196,11 @@ def _missing_message(source: ImageSource, root: str | None, why: str,
     if source.os_package:
         how.append(f"install the OS package (apt-get install {source.os_package})")
     how.append("put the files in data.root or $BIOEXP_DATA")
-    how.append(f"run with {download} where there is internet")
+    if tried:
+        how.append(f"download them where there is internet (bioexp data {source.name} "
+                   "--download --root DIR) and copy DIR here as data.root")
+    else:
+        how.append(f"run with {download} where there is internet")
     return f"dataset {source.name} not found ({looked}) and {why}; to get it: " + ", or ".join(how)
 
 
@@ -173,6 +217,20 @@ def find_or_download(name: str, root: str | None, allow_download: bool,
                else f"{download_option} was not given")
         raise DataError(_missing_message(source, root, why, download_option))
     return download(source, root)
+
+
+def check_available(name: str, root: str | None, allow_download: bool) -> None:
+    """Before a run: DataError unless the dataset is on disk, or may be downloaded and a
+    download mirror answers (a couple of seconds at most). Reads and writes nothing."""
+    source = SOURCES[name]
+    if locate(source, root) is not None:
+        return
+    if not allow_download:
+        raise DataError(_missing_message(source, root, "data.download is false"))
+    problem = download_problem(source)
+    if problem:
+        raise DataError(_missing_message(source, root, f"it cannot be downloaded here: {problem}",
+                                         tried=True))
 
 
 def read_idx(path: Path) -> np.ndarray:

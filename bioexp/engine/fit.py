@@ -96,7 +96,7 @@ def fit(model: nn.Module, data: Dataset, schedule: Schedule, recorder: RunRecord
         elif schedule.name == "two_phase" and not local_layers(model):
             log.info("phase 1 (unsupervised) skipped: the model has no local-rule layers")
         elif not schedule.local_rules:
-            log.info("a control: the local-rule layers keep their initial weights")
+            log.info("a control: the local-rule layers do not learn")
         phase2(job, state)
     except Diverged as exc:
         if not local_layers(model) or exc.reason != NONFINITE:
@@ -141,6 +141,12 @@ def train_phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
         state.result.phase1_cache_hit = True
         state.result.phases.append({"name": unsup.name, "epochs": unsup.epochs, "cached": True})
         state.pos = Position("supervised", 0, 0, unsup.epochs * n_batches)  # as if it ran
+        # The phase's last row, as training it would end (its statistics are the loaded
+        # layers'), so that compare, plots and loggers see phase 1 in this run too.
+        job.recorder.log_metrics({
+            "phase": "unsupervised", "epoch": unsup.epochs, "step": state.pos.step,
+            "lr": unsup.lr_at(unsup.epochs - 1), "cached": True,
+            "elapsed_s": round(state.elapsed(), 3), **local_statistics(locals_)})
         warn_unconverged(locals_)
         return
     log.info("phase 1 (unsupervised): %s, %s", plural(unsup.epochs, "epoch"),
@@ -154,13 +160,11 @@ def train_phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
                            job.progress, skip, state.after_batch)
         seconds = time.perf_counter() - t0
         step = state.pos.step + n_batches
-        stats = {f"{type(layer).__name__}{i}.{k}": v
-                 for i, layer in enumerate(locals_) for k, v in layer.local_stats().items()}
         job.recorder.log_metrics({
             "phase": "unsupervised", "epoch": epoch + 1, "step": step,
             "lr": unsup.lr_at(epoch), "epoch_time_s": round(seconds, 4),
             "samples_per_s": round(len(train) * (n_batches - skip) / n_batches / seconds, 1),
-            "elapsed_s": round(state.elapsed(), 3), **stats})
+            "elapsed_s": round(state.elapsed(), 3), **local_statistics(locals_)})
         log.info("unsupervised epoch %d/%d: %.1fs", epoch + 1, unsup.epochs, seconds)
         state.boundary(Position("unsupervised", epoch + 1, 0, step),
                        last=epoch + 1 == unsup.epochs)
@@ -171,6 +175,12 @@ def train_phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
         state.result.phase1_cache_hit = False
     state.begin_phase("supervised")  # phase 2's clock starts at 0 in this checkpoint
     state.boundary(state.pos)
+
+
+def local_statistics(layers: list[nn.Module]) -> dict[str, float]:
+    """Each local layer's `local_stats`, keyed like `KrotovLayer0.units_converged`."""
+    return {f"{type(layer).__name__}{i}.{k}": v
+            for i, layer in enumerate(layers) for k, v in layer.local_stats().items()}
 
 
 @dataclass(frozen=True)

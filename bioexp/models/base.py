@@ -90,11 +90,13 @@ class Classifier(nn.Module):
         reports it as `loss`, without updating anything: here `loss(self(x), y)`."""
         return self.loss(self(x), y)
 
-    def load_sources(self) -> None:
+    def load_sources(self) -> str | None:
         """Copy in the weights that the config takes from elsewhere (another run's checkpoint,
-        `cnn_fa`'s `model.conv_from`); ConfigError when they cannot be read. Called once, when a
-        run starts from scratch (and by the checks before it), never on resume or evaluation:
-        from its first checkpoint on, the run's own checkpoint holds them. None by default."""
+        `cnn_fa`'s `model.conv_from`) and say what was loaded, in a sentence the run logs;
+        ConfigError when they cannot be read. Called once, when a run starts from scratch (and
+        by the checks before it), never on resume or evaluation: from its first checkpoint on,
+        the run's own checkpoint holds them. Nothing (None) by default."""
+        return None
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch; cross-entropy on logits unless a head says otherwise."""

@@ -113,9 +113,12 @@ class FrozenConvolutions(Classifier):
         if conv_from is not None:
             body.requires_grad_(False)
 
-    def load_sources(self) -> None:
-        if self.conv_from is not None:
-            load_frozen_convolutions(self.body, Path(self.conv_from))
+    def load_sources(self) -> str | None:
+        if self.conv_from is None:
+            return None
+        count = load_frozen_convolutions(self.body, Path(self.conv_from))
+        return (f"model.conv_from: {count} convolution layers loaded from "
+                f"{Path(self.conv_from) / CHECKPOINT}, frozen")
 
 
 @register_model
@@ -130,8 +133,9 @@ def cnn_fa(input_shape: tuple[int, ...], num_classes: int, channels: Sizes = (16
     return FrozenConvolutions(nn.Sequential(nn.Flatten(), *fc), nn.Sequential(*blocks), conv_from)
 
 
-def load_frozen_convolutions(body: nn.Module, run_dir: Path) -> None:
-    """Copy the convolution weights of a run's checkpoint into `body`, in order."""
+def load_frozen_convolutions(body: nn.Module, run_dir: Path) -> int:
+    """Copy the convolution weights of a run's checkpoint into `body`, in order; how many
+    layers."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"model.conv_from: {run_dir} has no checkpoint ({CHECKPOINT})")
@@ -153,3 +157,4 @@ def load_frozen_convolutions(body: nn.Module, run_dir: Path) -> None:
                     f"this model needs {tuple(conv.weight.shape)} (match model.channels)")
             conv.weight.copy_(state[key])
             conv.bias.copy_(state[key.removesuffix("weight") + "bias"])
+    return len(convs)
