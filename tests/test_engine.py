@@ -278,3 +278,16 @@ def test_same_seed_same_metrics(tmp_path) -> None:
         rows.append([{k: v for k, v in r.items() if "time" not in k and not k.endswith("_s")}
                      for r in recorder.rows])
     assert rows[0] == rows[1]
+
+
+def test_grad_clip_bounds_every_step_of_the_optimiser(tmp_path) -> None:
+    """schedule.supervised.grad_clip: the gradient's norm is cut to the limit before each step,
+    so a plain SGD step moves the weights by at most lr x the limit."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    sched = Schedule("two_phase", UnsupervisedPhase(0, 50, 0.1),
+                     SupervisedPhase(1, 400, 1.0, optimizer=torch.optim.SGD, grad_clip=1e-3))
+    fit(model, blob_data(), sched, RunRecorder(tmp_path), seed=0)  # one step of batch 400
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after - before).norm() == pytest.approx(1e-3, rel=1e-4)  # lr 1 x the clipped norm

@@ -245,8 +245,11 @@ def make_optimizer(state: FitState, sup: SupervisedPhase, params: list[nn.Parame
     optimiser step, whoever calls it."""
     optimizer = sup.optimizer(params, lr=sup.lr)
     if sup.grad_clip > 0:
-        optimizer.register_step_pre_hook(
-            lambda *_: nn.utils.clip_grad_norm_(params, sup.grad_clip))
+
+        def clip(*_) -> None:  # a step pre-hook that returns anything but None is an error
+            nn.utils.clip_grad_norm_(params, sup.grad_clip)
+
+        optimizer.register_step_pre_hook(clip)
     scheduler = (sup.lr_schedule(optimizer) if sup.lr_schedule is not None
                  else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0))
     if state.saved_optimizer is not None:
