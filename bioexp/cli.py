@@ -71,17 +71,26 @@ class SacctOnce(logging.Filter):
 
 
 def train_command(args: Sequence[str]) -> None:
+    from bioexp.hydra_errors import run_app, single_run_flags
     from bioexp.overrides import override_problem, resume_arguments
 
     problem = override_problem(args)
     if problem:
         refuse(problem)
-    sys.argv = ["bioexp train", *resume_arguments(args)]
+    args = single_run_flags(resume_arguments(args))
+    if list(args) in (["--help"], ["-h"]):  # Hydra's own help takes 0.7 s to list the groups
+        from bioexp.app import help_text
+
+        print(help_text())
+        return
+    sys.argv = ["bioexp train", *args]
     register_resolvers()
     logging.getLogger("submitit").addFilter(SacctOnce())
     from bioexp.app import main as hydra_main
 
-    hydra_main()  # a multirun with failed jobs exits 1 here, naming them (app.SweepReport)
+    # Hydra's complaints about the overrides: one line (hydra_errors); a multirun with failed
+    # jobs exits 1 here, naming them (app.SweepReport)
+    run_app(lambda: hydra_main(), args)
 
 
 def _table(title: str, rows: Sequence[Sequence[str]]) -> list[str]:
@@ -128,12 +137,10 @@ def list_command(args: Sequence[str]) -> None:
             refuse(f"bioexp list takes model=NAME (e.g. model=krotov_fc), got {opts.model!r}")
         list_model(opts.model.split("=", 1)[1])
         return
-    import bioexp.models  # noqa: F401  (registers the built-in models)
-    from bioexp.config import group_options
-    from bioexp.registry import list_models
+    from bioexp.config import group_options  # the YAML files' comments: no torch to import
 
-    lines = _table("models (model=NAME)", [(m.name, m.description) for m in list_models()])
-    groups = (("data", "datasets (data=NAME)"), ("schedule", "schedules (schedule=NAME)"),
+    groups = (("model", "models (model=NAME)"),
+              ("data", "datasets (data=NAME)"), ("schedule", "schedules (schedule=NAME)"),
               ("optimizer", "optimisers of the supervised phase (optimizer=NAME)"),
               ("lr_schedule", "learning-rate schedules of the supervised phase, stepped per epoch "
                               "(lr_schedule=NAME)"),
@@ -145,9 +152,10 @@ def list_command(args: Sequence[str]) -> None:
                         "(+bench=NAME)"),
               ("hydra/launcher", "launchers (hydra/launcher=NAME; also Hydra's joblib, "
                                  "submitit_local, submitit_slurm)"))
+    lines: list[str] = []
     for group, title in groups:
         lines += ["", *_table(title, [o for o in group_options(group) if not o[0].startswith("_")])]
-    print("\n".join(lines))
+    print("\n".join(lines[1:]))
 
 
 def data_command(args: Sequence[str]) -> None:
@@ -254,6 +262,7 @@ def _plot_comparison(runs: list, by: list[str], metric: str, path: Path) -> None
 def eval_command(args: Sequence[str]) -> None:
     from bioexp import compare, evaluate
     from bioexp.plots import plot_fgsm
+    from bioexp.runs import load_run
 
     parser = argparse.ArgumentParser(prog="bioexp eval", description=COMMANDS["eval"])
     parser.add_argument("runs", nargs="+", help="run folders (each needs checkpoints/last.pt)")
@@ -281,14 +290,15 @@ def eval_command(args: Sequence[str]) -> None:
     device = resolve_device(opts.device)
     curves, runs = {}, []
     for folder in opts.runs:
-        run = evaluate.load_run(Path(folder), device, opts.test_limit)
+        run = load_run(Path(folder), device, opts.test_limit)
         result = evaluate.evaluate_run(run, eps, opts.embed_samples)
         curves[run.name] = (eps, result["fgsm"]["accuracy"])
         runs.append(compare.read_run(run.path))
         print(f"{run.path}: wrote eval/fgsm.json, eval/representation.json, "
               "eval/efficiency.json and plots/{fgsm,embedding,confusion}.png", file=sys.stderr,
               flush=True)
-    print(compare.text_table(compare.efficiency_table(runs, eps)), flush=True)
+    width = shutil.get_terminal_size((100, 24)).columns  # as bioexp compare fits its table
+    print(compare.text_table(compare.efficiency_table(runs, eps), width), flush=True)
     if opts.plot:
         _write(opts.plot, lambda path: plot_fgsm(curves, path))
 

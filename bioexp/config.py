@@ -243,6 +243,11 @@ def validate(cfg: DictConfig) -> None:
     root = OmegaConf.select(cfg, "data.root")
     if root is not None and not isinstance(root, str):
         raise _fail("data.root", "a folder path or null", root)
+    if OmegaConf.select(cfg, "data.name") == "synthetic":  # the generated set's own settings
+        for key, least in (("n_train", 1), ("n_test", 1), ("num_classes", 2), ("channels", 1),
+                           ("image_size", 1)):
+            check_int(cfg, f"data.{key}", minimum=least)
+        check_number(cfg, "data.noise", low=0)
 
     check_choice(cfg, "model.input_scale", INPUT_SCALES)
 

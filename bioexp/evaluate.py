@@ -25,7 +25,7 @@ from bioexp.data import Split
 from bioexp.records import write_json
 from bioexp.registry import parameter_counts
 from bioexp.robustness import EVAL_DIR, write_fgsm
-from bioexp.runs import TrainedRun, load_run  # noqa: F401  (cli.py: evaluate.load_run)
+from bioexp.runs import TrainedRun
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 

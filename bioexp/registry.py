@@ -13,6 +13,7 @@ Range(low=1)]` (layer sizes: every entry at least 1).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import types
@@ -171,7 +172,10 @@ def check_hyperparameters(name: str, hyperparameters: dict[str, Any]) -> None:
     for key, value in hyperparameters.items():
         if key not in accepted:
             options = ", ".join(accepted) or "none"
-            raise ConfigError(f"model.{key} is not an option of model {name} (options: {options})")
+            guess = difflib.get_close_matches(key, list(accepted), n=1)
+            hint = f"; did you mean model.{guess[0]}?" if guess else ""
+            raise ConfigError(f"model.{key} is not an option of model {name}{hint} (options: "
+                              f"{options})")
         if key in hints and not _conforms(value, hints[key]):
             kind = _describe(hints[key])
             if not kind.startswith("one of"):

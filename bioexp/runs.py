@@ -114,7 +114,8 @@ def given_keys(run_dir: Path) -> list[str]:
     """The config keys set on the command line of the run in `run_dir`, from the overrides
     Hydra recorded there (none for a run made without Hydra)."""
     path = run_dir / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.load(path) if path.is_file() else []
+    # unresolved: an override may hold an interpolation (`data.seed=${seed}`)
+    overrides = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
     return [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
 
 

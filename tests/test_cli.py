@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,28 @@ def test_train_help_shows_config_groups(bioexp, tmp_path):
     assert set(DATASETS) <= set(re.split(r",\s*", groups["data"]))
     assert set(SCHEDULES) <= set(re.split(r",\s*", groups["schedule"]))
     assert not (tmp_path / "outputs").exists(), "--help created a run folder"
+
+
+def test_train_help_without_overrides_is_hydras_help_without_its_wait(bioexp, tmp_path):
+    """`bioexp train --help` is put together by bioexp (app.help_text), fast; with an override
+    Hydra prints it: the two agree."""
+    fast, hydras = bioexp("train", "--help"), bioexp("train", "--help", "seed=0")
+    assert fast.returncode == hydras.returncode == 0, output_of(hydras)
+    assert fast.stdout == hydras.stdout
+
+
+@pytest.mark.parametrize("command", [["list"], ["train", "--help"], ["--version"]])
+def test_listing_and_help_import_neither_torch_nor_the_models(command):
+    """What keeps `bioexp list` and `bioexp train --help` under half a second
+    (scripts/bench_startup.py times them)."""
+    code = ("import contextlib, io, sys\nfrom bioexp.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    main({command!r})\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m == 'bioexp.models'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
 
 def test_train_cfg_job_prints_config_without_training(bioexp, tmp_path):
