@@ -35,6 +35,19 @@ needs_fashion = pytest.mark.skipif(not FASHION_AVAILABLE,
                                           "dataset-fashion-mnist)")
 
 
+# Markers of tests that take minutes: they run only where `-m` names them (`pytest -m property`),
+# so the default suite stays short.
+ON_REQUEST = ("property", "readme")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    chosen = config.option.markexpr or ""
+    for item in items:
+        for name in ON_REQUEST:
+            if item.get_closest_marker(name) and name not in chosen:
+                item.add_marker(pytest.mark.skip(reason=f"takes minutes: pytest -m {name}"))
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own user cache (phase-1 weights, downloads): no test sees another's."""

@@ -248,16 +248,9 @@ def test_what_the_property_found_once(override, capsys):
     check_command_line([*flags, *BASE, "model=bp_mlp", "model.hidden=[8]", *rest], capsys)
 
 
-@pytest.fixture
-def selected(request: pytest.FixtureRequest) -> None:
-    """Only where `-m property` selects the test (a few minutes)."""
-    if "property" not in (request.config.option.markexpr or ""):
-        pytest.skip("300 command lines: run with pytest -m property")
-
-
-@pytest.mark.property
+@pytest.mark.property  # minutes: only with `pytest -m property` (conftest.ON_REQUEST)
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(args=command_lines())
-def test_many_command_lines(selected, args, capsys):
+def test_many_command_lines(args, capsys):
     check_command_line(args, capsys)

@@ -135,7 +135,7 @@ def test_the_cheap_readme_commands_work_as_written(bioexp, tmp_path: Path) -> No
     assert (tmp_path / "models.png").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.readme  # minutes: only with `pytest -m readme` (conftest.ON_REQUEST)
 def test_every_readme_command_works_as_written(bioexp, tmp_path: Path) -> None:
     for command in readme_commands():
         if not skip_reason(command):
