@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bioexp.compare import find_runs, run_table, runs_table, text_table
-from bioexp.config import config_dir
+from bioexp.config import config_dir, config_groups, option_names
 from bioexp.errors import BioexpError, refuse
 from bioexp.records import atomic_write
 
@@ -46,9 +46,8 @@ def help_text() -> str:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True)
     template = string.Template(str(cfg.hydra.help.template))
-    groups = sorted(p for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
-    options = "".join(f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}\n"
-                      for g in groups if any(g.glob("*.yaml")))
+    options = "".join(f"{group}: {', '.join(option_names(group))}\n"
+                      for group in config_groups() if option_names(group))
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     return template.safe_substitute(APP_CONFIG_GROUPS=options, CONFIG=OmegaConf.to_yaml(job))
 

@@ -56,14 +56,26 @@ def description(text: str) -> str:
     return " ".join(lines)
 
 
+def config_groups() -> list[str]:
+    """The config groups a run is composed from (`model`, `data`, ...): the folders of the
+    config tree, Hydra's own (`hydra/`) aside."""
+    return sorted(p.name for p in config_dir().iterdir()
+                  if p.is_dir() and p.name != "hydra" and not p.name.startswith("_"))
+
+
+def option_names(group: str) -> list[str]:
+    """The options of a config group (`model` -> bp_mlp, cnn, ...): its YAML files' names."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
 def group_options(group: str) -> list[tuple[str, str]]:
     """(option, description) for every YAML file of a config group.
 
     The description is the file's leading comment, so the YAML itself stays the one place
     where an option is described.
     """
-    return [(path.stem, description(path.read_text()))
-            for path in sorted((config_dir() / group).glob("*.yaml"))]
+    return [(name, description((config_dir() / group / f"{name}.yaml").read_text()))
+            for name in option_names(group)]
 
 
 # Meanings of the hyperparameters many models share; a model's YAML comment on a key wins.
@@ -86,7 +98,7 @@ def model_options(name: str) -> tuple[list[tuple[str, str, str]], dict[str, Any]
     and dotted keys (`schedule.supervised.lr`). ConfigError for an unknown model."""
     path = config_dir() / "model" / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(p.stem for p in sorted(path.parent.glob("*.yaml")))
+        known = ", ".join(option_names("model"))
         raise ConfigError(f"unknown model {name!r}; available: {known}")
     text = path.read_text()
     node = OmegaConf.load(path)

@@ -238,9 +238,9 @@ def unknown_option(missing: str, options: Sequence[str] | None, args: Sequence[s
     """`model=nosuch`: the group's options, and the closest one."""
     group, _, name = missing.rpartition("/")
     if options is None:
-        from bioexp.config import config_dir
+        from bioexp.config import option_names
 
-        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+        options = option_names(group)
     options = [o for o in options if not o.startswith("_")]
     given = next((a for a in args if a.lstrip("+~").split("=", 1)[0] == group), f"{group}={name}")
     guess = difflib.get_close_matches(name, options, n=1)

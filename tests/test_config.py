@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from bioexp.config import config_dir, group_options, validate
+from bioexp.config import config_dir, config_groups, group_options, validate
 from bioexp.errors import ConfigError
 from bioexp.registry import build_model, list_models
 
@@ -26,9 +26,7 @@ def hyperparameters(cfg: DictConfig) -> dict:
     return {k: v for k, v in model.items() if k not in MODEL_META_KEYS}
 
 
-# Every config group: the folders of the config tree, but Hydra's own.
-GROUPS = sorted(p.name for p in config_dir().iterdir()
-                if p.is_dir() and p.name != "hydra" and not p.name.startswith("_"))
+GROUPS = config_groups()
 ALL_OPTIONS = [(group, option) for group in GROUPS for option in options(group)]
 
 
