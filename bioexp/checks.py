@@ -12,14 +12,12 @@ behind for `bioexp compare` to list.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +30,7 @@ from bioexp.engine import Schedule, local_layers
 from bioexp.engine.schedule import group_error
 from bioexp.errors import BioexpError, ConfigError, DeviceError, refuse
 from bioexp.folders import unwritable
-from bioexp.hydra_errors import explain
+from bioexp.hydra_errors import explain, sweep_product
 from bioexp.loggers import check_loggers
 from bioexp.records import CHECKPOINT
 from bioexp.registry import build_model, check_hyperparameters
@@ -151,15 +149,8 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     params = config.hydra.sweeper.get("params") or {}
     arguments = [*(f"{k}={v}" for k, v in params.items()),
                  *OmegaConf.to_container(config.hydra.overrides.task)]  # unresolved
-    choices: dict[str, list[str]] = {}  # key -> its overrides; a later one replaces an earlier
-    for override in OverridesParser.create().parse_overrides(arguments):
-        if override.is_sweep_override() and not override.is_discrete_sweep():
-            return None  # interval(...): Hydra's basic sweeper refuses it itself
-        key = override.get_key_element()
-        values = (list(override.sweep_string_iterator()) if override.is_discrete_sweep()
-                  else [override.get_value_element_as_str()])
-        choices[key] = [f"{key}={value}" for value in values]
-    return [list(job) for job in itertools.product(*choices.values())]
+    jobs = sweep_product(arguments)
+    return None if jobs is None else list(jobs)
 
 
 def sweep_failure(jobs: Sequence[Sequence[str]], failures: list[tuple[Sequence[str],

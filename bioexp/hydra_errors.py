@@ -302,24 +302,11 @@ def composed_without(key: str, args: Sequence[str]) -> DictConfig | None:
     defaults compose."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from bioexp.config import config_dir
 
-    choices: list[list[str]] = []  # per override, its values (a sweep's, at most 10)
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg or arg.split("=", 1)[0].lstrip("+~") == key:
-            continue
-        try:
-            override = OverridesParser.create().parse_override(arg)
-        except HydraException:
-            continue
-        if not override.is_sweep_override():
-            choices.append([arg])
-        elif override.is_discrete_sweep():
-            values = list(itertools.islice(override.sweep_string_iterator(), 10))
-            choices.append([f"{override.get_key_element()}={v}" for v in values])
-    jobs = [list(job) for job in itertools.islice(itertools.product(*choices), 20)]
+    others = [a for a in args if "=" in a and a.split("=", 1)[0].lstrip("+~") != key]
+    jobs = list(itertools.islice(sweep_product(others) or iter(()), 20))
     groups = [[a for a in jobs[0] if "." not in a.split("=", 1)[0]]] if jobs else []
     GlobalHydra.instance().clear()
     found = None
@@ -337,3 +324,28 @@ def composed_without(key: str, args: Sequence[str]) -> DictConfig | None:
 
 
 _MISSING = object()
+
+
+def sweep_product(arguments: Sequence[str]) -> Iterator[list[str]] | None:
+    """The jobs of a grid sweep of the overrides `arguments`, as Hydra's basic sweeper makes
+    them: the product of every key's values, a later override of a key replacing an earlier
+    one; flags and overrides that do not parse are left out. None when one is a sweep the basic
+    sweeper cannot run (`interval(...)`, which Hydra then refuses itself)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    choices: dict[str, list[str]] = {}  # key -> its overrides
+    for arg in arguments:
+        if arg.startswith("-"):
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            return None
+        key = override.get_key_element()
+        values = (list(override.sweep_string_iterator()) if override.is_discrete_sweep()
+                  else [override.get_value_element_as_str()])
+        choices[key] = [f"{key}={value}" for value in values]
+    return (list(job) for job in itertools.product(*choices.values()))
