@@ -2,7 +2,8 @@
 
 Phase 1 of a two-phase run (the local rules, without labels) depends only on the body's initial
 weights and structure, the settings of its layers and rules, the training images, the phase-1
-settings and the seed of the batch order, never on the head. `Phase1Cache` stores the trained
+settings, the seed of the batch order and, for a layer-by-layer phase 1, its stages
+(`Classifier.phase1_stages`), never on the head. `Phase1Cache` stores the trained
 body under a hash of exactly those, so a sweep over head settings trains phase 1 once: a later
 run with the same key loads the weights and skips the phase, and then trains its head exactly as
 the first run did. `phase1_cache` gives a run's entry from its config.
@@ -48,9 +49,10 @@ LOCK_POLL_S = 0.1  # how often a waiting job tries the lock again (and checks fo
 
 KEY_VERSION = 2  # bump when the key's ingredients change (2: module settings, not repr)
 
-# Data keys that do not change the training images, so they stay out of the phase-1 cache key
-# (synthetic data draws its test images after its training images).
-NOT_TRAINING_DATA = ("root", "download", "test_limit", "n_test")
+# Data keys that do not change the images phase 1 learns from, so they stay out of the phase-1
+# cache key (synthetic data draws its test images after its training images; phase 1 reads no
+# label, and sees every training image whatever labels_per_class keeps).
+NOT_TRAINING_DATA = ("root", "download", "test_limit", "n_test", "labels_per_class")
 
 
 def user_cache_dir() -> Path:
@@ -194,4 +196,8 @@ def phase1_cache(cfg: DictConfig, model: nn.Module, schedule: Any,
             if k not in NOT_TRAINING_DATA}
     settings = {"data": data, "input_scale": cfg.model.input_scale, "seed": cfg.seed,
                 "unsupervised": asdict(schedule.unsupervised), "device": device.type}
+    stages = model.phase1_stages() if hasattr(model, "phase1_stages") else ()
+    if stages:  # layer by layer: the key names each stage's learners (absent otherwise)
+        names = {m: name for name, m in model.body.named_modules()}
+        settings["stages"] = [[names[m] for m in stage.learners] for stage in stages]
     return Phase1Cache(phase1_key(model.body, settings))

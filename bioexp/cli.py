@@ -150,6 +150,7 @@ def list_command(args: Sequence[str]) -> None:
               ("hybrid", "the seed_hybrid comparison's models (+hybrid=NAME)"),
               ("bench", "rows of experiment=benchmark: a model, its budget, a control "
                         "(+bench=NAME)"),
+              ("labels", "label budgets of experiment=benchmark_labels (+labels=NAME)"),
               ("hydra/launcher", "launchers (hydra/launcher=NAME; also Hydra's joblib, "
                                  "submitit_local, submitit_slurm)"))
     lines: list[str] = []

@@ -250,6 +250,7 @@ def validate(cfg: DictConfig) -> None:
     check_int(cfg, "data.train_limit", minimum=1, nullable=True)
     check_int(cfg, "data.test_limit", minimum=1, nullable=True)
     check_int(cfg, "data.val_size", minimum=0)
+    check_int(cfg, "data.labels_per_class", minimum=1, nullable=True)
     check_int(cfg, "data.seed")
     check_bool(cfg, "data.download")
     root = OmegaConf.select(cfg, "data.root")

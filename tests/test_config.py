@@ -40,7 +40,7 @@ def test_every_group_has_options():
 
 
 # Groups outside train.yaml's defaults list are added with "+", over the model they serve.
-ADDED_GROUPS = {"hebbian_split": ("model=semihebb",), "hybrid": (), "bench": ()}
+ADDED_GROUPS = {"hebbian_split": ("model=semihebb",), "hybrid": (), "bench": (), "labels": ()}
 
 
 @pytest.mark.parametrize(("group", "option"), ALL_OPTIONS)

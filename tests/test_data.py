@@ -73,7 +73,7 @@ def write_idx_dataset(folder: Path, *, gz: bool = True, n_train: int = N_TRAIN,
 def data_cfg(name: str = "fashion_mnist", **overrides) -> DictConfig:
     """A data config with the shared data keys (train.yaml's `data:` defaults) plus `name`."""
     cfg = {"name": name, "root": None, "download": False, "train_limit": None,
-           "test_limit": None, "val_size": 0, "seed": 0}
+           "test_limit": None, "val_size": 0, "labels_per_class": None, "seed": 0}
     cfg.update(overrides)
     return OmegaConf.create(cfg)
 
@@ -689,3 +689,69 @@ def test_damaged_cifar10_batch_is_a_data_error(clean_data_env):
     (folder / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="test_batch"):
         load_dataset(data_cfg("cifar10", root=str(folder.parent)), "unit")
+
+
+# --- the label-scarce track: data.labels_per_class --------------------------------------------
+
+
+@pytest.fixture
+def wide_root(clean_data_env) -> str:
+    """90 training images, 9 per class (pixel ids 0..89, label id % 10)."""
+    root = clean_data_env["tmp"] / "wide"
+    write_idx_dataset(root, n_train=90)
+    return str(root)
+
+
+def test_labels_per_class_keeps_a_balanced_labelled_few_apart_from_validation(wide_root):
+    ds = load_dataset(data_cfg(root=wide_root, val_size=20, labels_per_class=3), "unit")
+    labelled, val, pool = pixel_ids(ds.train), pixel_ids(ds.val), pixel_ids(ds.unsupervised)
+    assert len(labelled) == 30 and len(set(labelled)) == 30
+    assert sorted(ds.train.y.tolist()) == sorted(list(range(10)) * 3)  # 3 of every class
+    assert ds.train.y.tolist() == [i % 10 for i in labelled]  # images keep their labels
+    assert not set(labelled) & set(val)  # no labelled image is a validation image
+    assert not set(pool) & set(val)  # phase 1 never sees the validation images
+    assert set(pool) | set(val) == set(range(90)) and len(pool) == 70
+    assert set(labelled) <= set(pool)  # phase 1 learns from every training image ...
+    assert ds.unsupervised.y.tolist() == [-1] * 70  # ... and is given none of their labels
+
+
+def test_the_label_draw_depends_on_data_seed_only(wide_root):
+    def labelled(**cfg) -> list[int]:
+        return pixel_ids(load_dataset(data_cfg(root=wide_root, val_size=20, **cfg),
+                                      "unit").train)
+
+    first = labelled(labels_per_class=2)
+    assert labelled(labels_per_class=2) == first
+    assert labelled(labels_per_class=2, seed=1) != first
+    assert labelled(labels_per_class=2, test_limit=5) == first
+
+
+def test_phase_1_sees_the_same_images_whatever_the_label_budget(wide_root):
+    """The phase-1 cache key leaves labels_per_class out: that is only right if phase 1 sees
+    exactly the images, in the same order, that a run with every label trains on."""
+    full = load_dataset(data_cfg(root=wide_root, val_size=20), "unit")
+    few = load_dataset(data_cfg(root=wide_root, val_size=20, labels_per_class=1), "unit")
+    assert torch.equal(few.unsupervised.x, full.unsupervised.x)
+    assert full.unsupervised is full.train and full.label_free is None
+
+
+def test_more_labels_per_class_than_a_class_has_is_a_data_error(wide_root):
+    with pytest.raises(DataError, match=r"data.labels_per_class=8 is more than the \d training "
+                                        r"images of class \d"):
+        load_dataset(data_cfg(root=wide_root, val_size=20, labels_per_class=8), "unit")
+
+
+def test_phase_1_learns_from_every_image_and_phase_2_from_the_labelled_few(tmp_path, make_cfg):
+    from conftest import TINY
+
+    from bioexp.records import read_metrics
+    from bioexp.train import run
+
+    cfg = make_cfg(*TINY, "model=semihebb", "model.hebbian=[16]", "data.labels_per_class=2",
+                   "schedule.unsupervised.batch_size=64")
+    assert run(cfg, tmp_path)["status"] == "completed"
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    unsupervised = [r for r in rows if r["phase"] == "unsupervised"]
+    supervised = [r for r in rows if r["phase"] == "supervised" and r.get("train_loss")]
+    assert unsupervised[-1]["step"] == 256 // 64  # every one of the 256 training images
+    assert [r["step"] for r in supervised] == [5, 6]  # then 20 labelled images: one batch

@@ -62,10 +62,19 @@ class Dataset:
     num_classes: int
     class_names: tuple[str, ...] = ()
     origin: str = ""
+    # With data.labels_per_class: every training image (the labelled ones among them, in the
+    # order they had before the draw), its labels withheld as -1; `train` is then the labelled
+    # few. None otherwise: phase 1 learns from `train`.
+    label_free: Split | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])
+
+    @property
+    def unsupervised(self) -> Split:
+        """The images phase 1 learns from, without reading a label: every training image."""
+        return self.label_free if self.label_free is not None else self.train
 
 
 def scale_pixels(images: np.ndarray, scale: str) -> torch.Tensor:
@@ -95,6 +104,22 @@ def check_val_size(val_size: int, n_train: int) -> None:
                         f"split has {n_train}; lower data.val_size or raise data.train_limit)")
 
 
+def labelled_subset(y: np.ndarray, per_class: int, num_classes: int,
+                    generator: torch.Generator) -> np.ndarray:
+    """Sorted indices of `per_class` images of every class in labels `y`, drawn by `generator`
+    class by class; DataError when a class has fewer."""
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(y == c)
+        if len(members) < per_class:
+            raise DataError(f"data.labels_per_class={per_class} is more than the "
+                            f"{len(members)} training images of class {c} (after the "
+                            "validation split); lower it")
+        order = torch.randperm(len(members), generator=generator).numpy()
+        chosen.append(members[order[:per_class]])
+    return np.sort(np.concatenate(chosen))
+
+
 def dataset_plan(cfg: DictConfig) -> tuple[tuple[int, int, int], int]:
     """(input shape, number of classes) of the configured dataset, known without reading it.
 
@@ -114,6 +139,11 @@ def dataset_plan(cfg: DictConfig) -> tuple[tuple[int, int, int], int]:
     if cfg.train_limit is not None:
         n_train = min(n_train, cfg.train_limit)
     check_val_size(cfg.val_size, n_train)
+    per_class = cfg.get("labels_per_class")
+    if per_class is not None and per_class * classes > n_train - cfg.val_size:
+        raise DataError(f"data.labels_per_class={per_class} asks for {per_class * classes} "
+                        f"labelled images, more than the {n_train - cfg.val_size} training "
+                        "images there are (after the validation split); lower it")
     return shape, classes
 
 
@@ -137,7 +167,10 @@ def load_dataset(cfg: DictConfig, scale: str, device: torch.device | str = "cpu"
     """Resolve, read, subset, split and scale a dataset, and move it to `device`.
 
     `train_limit` and `test_limit` take seeded random subsets; `val_size` then holds out that
-    many training images as a validation split. All three use `cfg.seed`, not the run's seed,
+    many training images as a validation split; `labels_per_class` then keeps the labels of
+    that many images per class, drawn from the rest (the label-scarce track): they are the
+    training split, and every non-validation training image, its label withheld, is what
+    phase 1 learns from (`Dataset.unsupervised`). All four use `cfg.seed`, not the run's seed,
     so runs that differ only in their seed see the same images.
     """
     (train_x, train_y, test_x, test_y), origin = load_arrays(cfg)
@@ -162,16 +195,26 @@ def load_dataset(cfg: DictConfig, scale: str, device: torch.device | str = "cpu"
         train_x, train_y = train_x[kept], train_y[kept]
     source = SOURCES.get(cfg.name)
     num_classes = len(source.class_names) if source else cfg.num_classes
+    train = Split(scale_pixels(train_x, scale).to(device), torch.from_numpy(train_y).to(device))
+    label_free = None
+    per_class = cfg.get("labels_per_class")
+    if per_class is not None:
+        idx = torch.from_numpy(labelled_subset(train_y, per_class, num_classes, generator(4)))
+        label_free = Split(train.x, torch.full_like(train.y, -1))
+        train = Split(train.x[idx.to(device)], train.y[idx.to(device)])
     dataset = Dataset(
         name=cfg.name,
-        train=Split(scale_pixels(train_x, scale).to(device), torch.from_numpy(train_y).to(device)),
+        train=train,
         test=Split(scale_pixels(test_x, scale).to(device), torch.from_numpy(test_y).to(device)),
         val=val,
         num_classes=num_classes,
         class_names=source.class_names if source else (),
         origin=origin,
+        label_free=label_free,
     )
-    log.info("data: %s from %s: %d train, %d test%s, shape %s", cfg.name, origin,
-             len(dataset.train), len(dataset.test),
+    labelled = "" if label_free is None else (f" ({len(train)} labelled, {per_class} per "
+                                              f"class; {len(label_free)} for phase 1)")
+    log.info("data: %s from %s: %d train%s, %d test%s, shape %s", cfg.name, origin,
+             len(dataset.unsupervised), labelled, len(dataset.test),
              f", {len(val)} validation" if val else "", "x".join(map(str, dataset.input_shape)))
     return dataset

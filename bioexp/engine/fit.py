@@ -1,10 +1,13 @@
 """`fit`: a schedule's phases, written out.
 
 Phase 1 (`two_phase` only, for models with local-rule layers) lets the local rules learn
-without labels for `schedule.unsupervised.epochs`, or loads their result from the phase-1 cache.
-Phase 2 trains every parameter that requires grad with the model's own training step and the
-configured optimiser and learning-rate schedule; when the body is frozen and deterministic, its
-features are computed once and the head trains on them. In `one_phase` the local layers learn
+without labels for `schedule.unsupervised.epochs`, or loads their result from the phase-1 cache;
+a model that declares stages (`Classifier.phase1_stages`) has its layers learn one stage after
+another, each for those epochs. Phase 2 trains every parameter that requires grad with the
+model's own training step and the configured optimiser and learning-rate schedule; when the body
+is frozen and deterministic, the model first sees the training images once
+(`Classifier.prepare_features`: e.g. BatchNorm statistics), then its features are computed once
+and the head trains on them. In `one_phase` the local layers learn
 on every forward pass of phase 2. After each supervised epoch a metrics row records the losses
 and accuracies, and models with feedback layers their alignment angles.
 """
@@ -133,48 +136,68 @@ def phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
 def train_phase1(job: Job, state: FitState, cache: Phase1Cache | None) -> None:
     """The local rules learn without labels; the body is then saved to (or came from) the
     phase-1 cache."""
-    model, unsup, train = job.model, job.schedule.unsupervised, job.data.train
+    model, unsup, train = job.model, job.schedule.unsupervised, job.data.unsupervised
     locals_ = local_layers(model)
     n_batches = math.ceil(len(train) / unsup.batch_size)
+    stages = phase1_stages(model)
+    total = unsup.epochs * max(len(stages), 1)  # epochs of all stages, one after another
     if state.pos == Position() and cache is not None and cache.load(model.body):
         log.info("phase 1 (unsupervised): loaded from the cache (%s)", cache.path)
         state.result.phase1_cache_hit = True
-        state.result.phases.append({"name": unsup.name, "epochs": unsup.epochs, "cached": True})
-        state.pos = Position("supervised", 0, 0, unsup.epochs * n_batches)  # as if it ran
+        state.result.phases.append({"name": unsup.name, "epochs": total, "cached": True})
+        state.pos = Position("supervised", 0, 0, total * n_batches)  # as if it ran
         # The phase's last row, as training it would end (its statistics are the loaded
         # layers'), so that compare, plots and loggers see phase 1 in this run too.
         job.recorder.log_metrics({
-            "phase": "unsupervised", "epoch": unsup.epochs, "step": state.pos.step,
+            "phase": "unsupervised", "epoch": total, "step": state.pos.step,
+            **({"stage": len(stages)} if stages else {}),
             "lr": unsup.lr_at(unsup.epochs - 1), "cached": True,
             "elapsed_s": round(state.elapsed(), 3), **local_statistics(locals_)})
         warn_unconverged(locals_)
         return
-    log.info("phase 1 (unsupervised): %s, %s", plural(unsup.epochs, "epoch"),
-             plural(len(locals_), "local layer"))
+    log.info("phase 1 (unsupervised): %s, %s%s", plural(unsup.epochs, "epoch"),
+             plural(len(locals_), "local layer"),
+             f", one stage after another ({len(stages)} stages)" if stages else "")
     state.begin_phase("unsupervised")
     generator = state.generators["unsupervised"]
-    for epoch in range(state.pos.epoch, unsup.epochs):
+    for epoch in range(state.pos.epoch, total):
         state.start_epoch(generator)
         t0, skip = time.perf_counter(), state.pos.batch
-        unsupervised_epoch(getattr(model, "body", model), train, unsup, epoch, generator,
-                           job.progress, skip, state.after_batch)
+        # Stage s, epoch e of E is epoch s * E + e of the phase (Classifier.phase1_stages).
+        stage, stage_epoch = divmod(epoch, unsup.epochs)
+        if stages:
+            unsupervised_epoch(stages[stage].forward, train, unsup, stage_epoch, generator,
+                               job.progress, skip, state.after_batch,
+                               learners=stages[stage].learners)
+        else:
+            unsupervised_epoch(getattr(model, "body", model), train, unsup, epoch, generator,
+                               job.progress, skip, state.after_batch)
         seconds = time.perf_counter() - t0
         step = state.pos.step + n_batches
         job.recorder.log_metrics({
             "phase": "unsupervised", "epoch": epoch + 1, "step": step,
-            "lr": unsup.lr_at(epoch), "epoch_time_s": round(seconds, 4),
+            **({"stage": stage + 1} if stages else {}),
+            "lr": unsup.lr_at(stage_epoch), "epoch_time_s": round(seconds, 4),
             "samples_per_s": round(len(train) * (n_batches - skip) / n_batches / seconds, 1),
             "elapsed_s": round(state.elapsed(), 3), **local_statistics(locals_)})
-        log.info("unsupervised epoch %d/%d: %.1fs", epoch + 1, unsup.epochs, seconds)
+        log.info("unsupervised epoch %d/%d%s: %.1fs", epoch + 1, total,
+                 f" (stage {stage + 1}/{len(stages)})" if stages else "", seconds)
         state.boundary(Position("unsupervised", epoch + 1, 0, step),
-                       last=epoch + 1 == unsup.epochs)
-    state.record_phase(unsup.name, unsup.epochs, len(train) * unsup.epochs)
+                       last=epoch + 1 == total)
+    state.record_phase(unsup.name, total, len(train) * total)
     warn_unconverged(locals_)
     if cache is not None:
         cache.save(model.body)
         state.result.phase1_cache_hit = False
     state.begin_phase("supervised")  # phase 2's clock starts at 0 in this checkpoint
     state.boundary(state.pos)
+
+
+def phase1_stages(model: nn.Module) -> tuple:
+    """The model's layer-by-layer stages of phase 1 (`Classifier.phase1_stages`); empty when
+    every local layer learns at once."""
+    stages = getattr(model, "phase1_stages", None)
+    return tuple(stages()) if stages is not None else ()
 
 
 def local_statistics(layers: list[nn.Module]) -> dict[str, float]:
@@ -200,6 +223,9 @@ def phase2_inputs(job: Job) -> tuple[Splits, nn.Module | None]:
         return Splits(data.train, data.test, data.val), None
     log.info("body is frozen: computing its features once for the supervised phase")
     batch = job.eval_batch_size
+    prepare = getattr(model, "prepare_features", None)
+    if prepare is not None:  # e.g. BatchNorm statistics of the training images (models.base)
+        prepare(x for x, _ in data.unsupervised.batches(batch))
     val = precompute(body, data.val, batch) if data.val is not None else None
     return Splits(precompute(body, data.train, batch), precompute(body, data.test, batch),
                   val), body
