@@ -20,7 +20,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -166,22 +166,25 @@ def epoch_graph(body: nn.Module, split: Split, phase: UnsupervisedPhase,
 
 def unsupervised_epoch(body: nn.Module, split: Split, phase: UnsupervisedPhase, epoch: int,
                        generator: torch.Generator, progress: bool, skip: int = 0,
-                       after_batch: AfterBatch | None = None) -> None:
+                       after_batch: AfterBatch | None = None,
+                       learners: Sequence[nn.Module] | None = None) -> None:
     """One pass of the local rules of `body` over the training images; labels are never read.
     `skip` resumes the epoch after that many batches of the same order. With `cuda_graphs` on
-    CUDA the epoch is one graph replay (`after_batch` then runs once, at its end)."""
+    CUDA the epoch is one graph replay (`after_batch` then runs once, at its end). `learners`
+    (a stage of a layer-by-layer phase 1) restricts learning to those local layers of `body`;
+    such an epoch runs eagerly."""
     lr = phase.lr_at(epoch)
     n_batches = math.ceil(len(split) / phase.batch_size)
     with numerics(split.x.device, phase.tf32), \
             _bar(n_batches, f"unsupervised {epoch + 1}/{phase.epochs}", progress, skip) as bar:
-        graph = epoch_graph(body, split, phase, skip)
+        graph = epoch_graph(body, split, phase, skip) if learners is None else None
         if graph is not None:
             graph.replay(generator, lr)
             bar.update(n_batches)
             if after_batch is not None:
                 after_batch(n_batches, lambda: None)
         else:
-            with local_learning(body, lambda: lr), torch.no_grad():
+            with learning(body, learners, lambda: lr), torch.no_grad():
                 for done, (x, _) in enumerate(split.batches(phase.batch_size, generator, skip),
                                               start=skip + 1):
                     body(x)
@@ -190,6 +193,20 @@ def unsupervised_epoch(body: nn.Module, split: Split, phase: UnsupervisedPhase, 
                         after_batch(done, lambda: None)
     if any(holds_nonfinite(layer) for layer in local_layers(body)):
         raise Diverged(phase.name, epoch + 1, None)
+
+
+@contextmanager
+def learning(body: nn.Module, learners: Sequence[nn.Module] | None,
+             lr: Callable[[], float]) -> Iterator[None]:
+    """`local_learning` of every local layer of `body`, or of `learners` alone when given."""
+    if learners is None:
+        with local_learning(body, lr):
+            yield
+        return
+    with ExitStack() as stack:
+        for layer in learners:  # a LocalLayer's own local_layers is itself
+            stack.enter_context(local_learning(layer, lr))
+        yield
 
 
 def supervised_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, split: Split,

@@ -5,11 +5,17 @@ quantity the rule needs; the models put the activation (the 2023 paper's "triang
 `Triangle`) and the pooling after it. `local_update(x, u, lr)` applies the rule of
 `bioexp.rules.softhebb` to the input the layer saw and the current it gave: the soft WTA
 y = softmax(u / temperature) over the units (with anti-Hebbian non-winners), dW_k = sum of
-y_k (x - u_k w_k), scaled to a largest entry of 1, times each unit's adaptive rate
-lr * lr_scale * |r_k - 1|^rate_power. W is a buffer, so the optimiser never touches it.
+y_k (x - u_k w_k), scaled to a largest entry of 1 (as the authors' code does), times each
+unit's adaptive rate lr * lr_scale * |r_k - 1|^rate_power. W is a buffer, so the optimiser never
+touches it.
 
-`Standardize` is the statistics-free input normalisation the models put before every SoftHebb
-layer in place of the paper's BatchNorm(affine=False): see its docstring.
+Initial weights follow the authors' code (`train.py`, `check_dimension`): each entry drawn with a
+scale that gives every unit a weight norm of about `init_radius` (their 25 for convolutions,
+35 for the dense layer): Gaussian, std init_radius / sqrt(fan-in), where BatchNorm precedes the
+layer; uniform in [0, sqrt(3) init_radius / sqrt(fan-in)) (`init="positive"`) where it does not.
+
+`Standardize` is a statistics-free per-sample input normalisation (`model.norm=sample`); the
+paper's is BatchNorm without parameters (`model.norm=batch`, the default): see the models.
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ from bioexp.rules.softhebb import (
     RULE_VERSION,
     softhebb_conv,
     softhebb_dense,
-    softhebb_step,
+    step_factors,
     unit_norms,
 )
 
+INITS = ("gaussian", "positive")  # how initial weights are drawn (see the module's docstring)
+PADDINGS = ("reflect", "zeros")  # how a convolution pads its input (F.pad's modes)
+
 # A unit whose norm moved less than this fraction of the way from init_radius to 1 is still
 # where it started (unconverged).
-STILL_NORM = 0.1
+STILL_NORM = 0.3  # the initial norms scatter around init_radius (a Gaussian draw)
 
 
 class SoftHebbUnits(LocalLayer):
@@ -43,33 +52,45 @@ class SoftHebbUnits(LocalLayer):
 
     def __init__(self, shape: tuple[int, ...], temperature: float, anti_hebbian: bool = True,
                  rate_power: float = 0.5, normalize_update: bool = True,
-                 init_radius: float = 1.0, lr_scale: float = 1.0):
+                 init_radius: float = 1.0, lr_scale: float = 1.0, init: str = "gaussian"):
         super().__init__()
         if temperature <= 0 or init_radius <= 0 or rate_power < 0 or lr_scale < 0:
             raise ValueError("temperature and init_radius must be above 0, rate_power and "
                              "lr_scale at least 0")
-        w = torch.randn(shape)
-        w *= init_radius / unit_norms(w).clamp_min(1e-12).view(-1, *([1] * (len(shape) - 1)))
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        fan_in = math.prod(shape[1:])
+        if init == "gaussian":  # E|w_k|^2 = fan_in * (r / sqrt(fan_in))^2 = r^2
+            w = torch.randn(shape) * (init_radius / math.sqrt(fan_in))
+        else:  # uniform [0, a): E w^2 = a^2 / 3, so a = sqrt(3) r / sqrt(fan_in)
+            w = torch.rand(shape) * (math.sqrt(3) * init_radius / math.sqrt(fan_in))
         self.register_buffer("weight", w)  # (H, ...): one row of input weights per unit
         self.register_buffer("wins", torch.zeros(shape[0]))  # samples or positions won
         self.temperature, self.anti_hebbian = float(temperature), bool(anti_hebbian)
         self.rate_power, self.normalize_update = float(rate_power), bool(normalize_update)
-        self.init_radius, self.lr_scale = float(init_radius), float(lr_scale)
+        self.init_radius, self.lr_scale, self.init = float(init_radius), float(lr_scale), init
 
-    def rule_update(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """dW, before scaling, for input `x` and current `u`."""
+    def rule_update(self, x: torch.Tensor, u: torch.Tensor,
+                    winners: torch.Tensor | None = None) -> torch.Tensor:
+        """dW, before scaling, for input `x` and current `u` (`winners`: u.argmax(1, keepdim))."""
         raise NotImplementedError
 
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
-        dw = self.rule_update(x, y)  # y is the layer's output: the current u
-        self.weight.add_(softhebb_step(dw, self.weight, lr * self.lr_scale, self.rate_power,
-                                       self.normalize_update))
-        winners = y.argmax(dim=1).flatten()
-        self.wins.add_(torch.bincount(winners, minlength=len(self.wins)).to(self.wins.dtype))
+        winners = y.argmax(dim=1, keepdim=True)  # y is the layer's output: the current u
+        dw = self.rule_update(x, y, winners)
+        factors = step_factors(dw, self.weight, lr * self.lr_scale, self.rate_power,
+                               self.normalize_update)  # (H,)
+        self.weight.addcmul_(dw, factors.view(-1, *([1] * (dw.dim() - 1))))
+        self.wins.add_(torch.bincount(winners.flatten(), minlength=len(self.wins))
+                       .to(self.wins.dtype))
 
     @torch.no_grad()
     def gaussian_init_(self) -> None:
-        self.weight.normal_()  # unscaled: rows of norm about sqrt(fan-in)
+        """The Gaussian control: isotropic Gaussian filters, each rescaled to unit Euclidean
+        norm, the norm the rule takes a unit to."""
+        self.weight.normal_()
+        self.weight /= unit_norms(self.weight).clamp_min(1e-12).view(
+            -1, *([1] * (self.weight.dim() - 1)))
 
     def local_stats(self) -> dict[str, float]:
         norms = unit_norms(self.weight)
@@ -89,7 +110,7 @@ class SoftHebbUnits(LocalLayer):
                 f"layer moved their weight norm from its initial {self.init_radius:g} towards "
                 f"1 (median norm now {norms.median().item():.2f}): phase 1 was too short for "
                 "it, and its features are close to their random start; give it more images, "
-                "epochs or schedule.unsupervised.lr (or model.deep_lr_scale)")
+                "epochs or schedule.unsupervised.lr (or model.lr_scales)")
 
     def receptive_fields(self) -> torch.Tensor:
         return self.weight.flatten(1)  # (H, inputs of one unit)
@@ -100,7 +121,8 @@ class SoftHebbUnits(LocalLayer):
     def settings_repr(self) -> str:
         return (f"temperature={self.temperature:g}, anti_hebbian={self.anti_hebbian}, "
                 f"rate_power={self.rate_power:g}, normalize_update={self.normalize_update}, "
-                f"init_radius={self.init_radius:g}, lr_scale={self.lr_scale:g}")
+                f"init={self.init}, init_radius={self.init_radius:g}, "
+                f"lr_scale={self.lr_scale:g}")
 
 
 class SoftHebbLinear(SoftHebbUnits):
@@ -112,8 +134,10 @@ class SoftHebbLinear(SoftHebbUnits):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T  # (B, D) @ (D, H) -> (B, H)
 
-    def rule_update(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return softhebb_dense(x, u, self.weight, self.temperature, self.anti_hebbian)
+    def rule_update(self, x: torch.Tensor, u: torch.Tensor,
+                    winners: torch.Tensor | None = None) -> torch.Tensor:
+        return softhebb_dense(x, u, self.weight, self.temperature, self.anti_hebbian,
+                              winners=winners)
 
     def extra_repr(self) -> str:
         h, d = self.weight.shape
@@ -121,26 +145,43 @@ class SoftHebbLinear(SoftHebbUnits):
 
 
 class SoftHebbConv2d(SoftHebbUnits):
-    """u = conv2d(x, W) with stride 1 and `kernel_size // 2` zero padding (the same size for
-    odd kernels), W (out_channels, in_channels, k, k) learnt by SoftHebb over every patch; no
-    bias. The soft WTA competes over the channels at each position."""
+    """u = conv2d(x, W) with stride 1 and `kernel_size // 2` pixels of padding on each side
+    (`padding_mode`: "reflect", the authors', or "zeros"; an input no wider than the padding,
+    which cannot be reflected, is padded by replicating its edge), so the output keeps the
+    input's size for odd kernels; W (out_channels, in_channels, k, k) learnt by SoftHebb over
+    every patch; no bias. The soft WTA competes over the channels at each position."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 temperature: float, **settings):
+                 temperature: float, padding_mode: str = "reflect", **settings):
         super().__init__((out_channels, in_channels, kernel_size, kernel_size), temperature,
                          **settings)
-        self.padding = kernel_size // 2
+        # W stays channels-last, the layout of the CPU's fast convolutions and of their weight
+        # gradient, so no step converts it (the values are the same in either layout)
+        self.weight = self.weight.contiguous(memory_format=torch.channels_last)
+        if padding_mode not in PADDINGS:
+            raise ValueError(f"padding_mode must be one of {', '.join(PADDINGS)}, got "
+                             f"{padding_mode!r}")
+        self.padding, self.padding_mode = kernel_size // 2, padding_mode
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the convolution sees it: padded, channels-last (the CPU's convolutions,
+        their weight gradient and the pooling after them are several times faster so; the
+        values are the same)."""
+        if self.padding:
+            p, mode = self.padding, self.padding_mode
+            if mode == "reflect" and min(x.shape[-2:]) <= p:
+                mode = "replicate"  # an image too small to reflect (tiny test images)
+            x = F.pad(x, (p, p, p, p), mode="constant" if mode == "zeros" else mode)
+        return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Channels-last tensors make the CPU's convolutions, and the pooling after them,
-        # several times faster; the values are the same.
-        x = x.contiguous(memory_format=torch.channels_last)
-        w = self.weight.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, w, padding=self.padding).contiguous(memory_format=torch.channels_last)
+        w = self.weight.contiguous(memory_format=torch.channels_last)  # a no-op unless loaded
+        return F.conv2d(self.pad(x), w).contiguous(memory_format=torch.channels_last)
 
-    def rule_update(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return softhebb_conv(x, u, self.weight, self.temperature, self.anti_hebbian,
-                             padding=self.padding)
+    def rule_update(self, x: torch.Tensor, u: torch.Tensor,
+                    winners: torch.Tensor | None = None) -> torch.Tensor:
+        return softhebb_conv(self.pad(x), u, self.weight, self.temperature, self.anti_hebbian,
+                             winners=winners)
 
     def field_shape(self) -> tuple[int, int, int]:
         """(in_channels, k, k): the shape of one unit's receptive field, for plotting."""
@@ -149,7 +190,7 @@ class SoftHebbConv2d(SoftHebbUnits):
     def extra_repr(self) -> str:
         h, c, k, _ = self.weight.shape
         return (f"in_channels={c}, out_channels={h}, kernel_size={k}, padding={self.padding}, "
-                f"{self.settings_repr()}")
+                f"padding_mode={self.padding_mode}, {self.settings_repr()}")
 
 
 class Triangle(nn.Module):
@@ -162,7 +203,10 @@ class Triangle(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         out = (u - u.mean(dim=1, keepdim=True)).relu_()
-        return out if self.power == 1 else out.pow_(self.power)
+        if self.power == 1:
+            return out
+        # in place where no gradient needs relu's output (phase 1, features)
+        return out.pow(self.power) if torch.is_grad_enabled() else out.pow_(self.power)
 
     def extra_repr(self) -> str:
         return f"power={self.power:g}"
@@ -171,11 +215,11 @@ class Triangle(nn.Module):
 class Standardize(nn.Module):
     """(x - mean) / std over every dimension but the batch's, per sample.
 
-    The paper puts BatchNorm(affine=False) before each SoftHebb layer. Per-sample statistics do
-    the same centring and scaling without running statistics, so phase 1, the features the
-    engine precomputes in eval mode and the random-feature controls (which skip phase 1 and
-    would leave a BatchNorm's running statistics at their initial values) all see one and the
-    same deterministic normalisation, independent of the batch.
+    The paper puts BatchNorm(affine=False) before each SoftHebb layer (`model.norm=batch`).
+    This is the statistics-free alternative (`model.norm=sample`): the same centring and
+    scaling from each image's own statistics, so phase 1, the features computed for the
+    read-out and the controls all see one deterministic normalisation, independent of the
+    batch and of any pass over the data.
     """
 
     def __init__(self, eps: float = 1e-5):

@@ -22,12 +22,30 @@ every family whose layers only change the backward pass (FA, sign-symmetry, DFA)
 trains otherwise (a loss per layer, its own plasticity, feedback weights that learn) overrides
 `train_step`; state it keeps between steps belongs in buffers or in `get_extra_state`, so that
 it is checkpointed and resumed with the weights.
+
+Two hooks shape what the engine does around the supervised phase; their defaults change nothing:
+
+- `phase1_stages()`: how phase 1 trains the body's local-rule layers. Empty (the default): all
+  of them learn together, from the same pass over the images, for schedule.unsupervised.epochs.
+  A list of `Stage`s: layer by layer, one stage after another, each for
+  schedule.unsupervised.epochs; in a stage the engine runs `stage.forward` (the body up to the
+  layers it trains) on the images, and only `stage.learners` apply their rule, while every
+  other layer stays as it is. Checkpoints count the epochs of all stages in one sequence
+  (stage s, epoch e of E is epoch s * E + e of phase 1), so a run stopped in any stage
+  resumes exactly, and the phase-1 cache key names the stages.
+- `prepare_features(batches)`: called once before the engine computes a frozen body's features
+  for phase 2, with the training images in a fixed order: a body whose normalisation keeps
+  statistics of its inputs (BatchNorm's running statistics) sets them here, so that a trained
+  body and an untrained control are both normalised by the statistics of the training data.
+  With `norm_statistics=True` the Classifier recomputes the running statistics of every
+  BatchNorm of its body in one pass (`refit_batch_norm`); nothing by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
 import torch
@@ -51,14 +69,64 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-class Classifier(nn.Module):
-    """`forward(x) = head(body(x))`, with the loss and prediction that belong to the head."""
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a layer-by-layer phase 1 (see the module's docstring): the engine runs
+    `forward` on the images and lets only the local-rule layers `learners` (inside it) learn."""
 
-    def __init__(self, head: nn.Module, body: nn.Module | None = None):
+    forward: nn.Module
+    learners: tuple[nn.Module, ...]
+
+
+@torch.no_grad()
+def refit_batch_norm(module: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Set the running statistics of every BatchNorm in `module` to those of `batches`: reset
+    them, run every batch through `module` with the BatchNorms in training mode and a
+    cumulative average (momentum None), and leave `module` in eval mode. A deeper BatchNorm
+    sees inputs normalised by the statistics of the batch, as in training."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    module.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for x in batches:
+            module(x)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        module.eval()
+
+
+class Classifier(nn.Module):
+    """`forward(x) = head(body(x))`, with the loss and prediction that belong to the head.
+
+    `stages` and `norm_statistics` set the two hooks of the module's docstring
+    (`phase1_stages`, `prepare_features`)."""
+
+    def __init__(self, head: nn.Module, body: nn.Module | None = None,
+                 stages: Sequence[Stage] = (), norm_statistics: bool = False):
         super().__init__()
         self.body = body if body is not None else nn.Identity()
         self.head = head
         self._on_features = False  # set by `on_features`
+        self._stages = tuple(stages)  # a tuple of dataclasses: no submodules are registered
+        self._norm_statistics = bool(norm_statistics)
+
+    def phase1_stages(self) -> tuple[Stage, ...]:
+        """The stages of a layer-by-layer phase 1; empty: every local layer learns at once."""
+        return self._stages
+
+    def prepare_features(self, batches: Iterable[torch.Tensor]) -> None:
+        """Before a frozen body's features are computed: refit its BatchNorms' statistics to
+        `batches` (the training images) when the model asks for it; else nothing."""
+        if self._norm_statistics:
+            refit_batch_norm(self.body, batches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x if self._on_features else self.body(x))
