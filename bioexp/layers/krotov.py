@@ -84,6 +84,13 @@ class KrotovLayer(LocalLayer):
         Hopfield 2019, the sphere of radius R = 1); uniform [0, 1) rows of 784 start near 5.8."""
         return self.weight.abs().pow(self.p).sum(dim=1).pow(1 / self.p)
 
+    @torch.no_grad()
+    def gaussian_init_(self) -> None:
+        """Gaussian rows at unit p-norm: random directions on the sphere the rule drives every
+        row to (Krotov & Hopfield 2019), the fair control's operating point."""
+        self.weight.normal_()
+        self.weight.div_(self.p_norms().clamp_min(1e-12)[:, None])
+
     def local_stats(self) -> dict[str, float]:
         return {"weight_norm_mean": self.weight.norm(dim=1).mean().item(),
                 "units_never_won": int((self.wins == 0).sum().item()),

@@ -55,9 +55,11 @@ class LocalLayer(nn.Module):
 
     @torch.no_grad()
     def gaussian_init_(self) -> None:
-        """Redraw the weights as a standard Gaussian random projection of the same shape (the
-        `control=gaussian_features` baseline: the architecture with untrained, isotropic
-        random features). Layers that keep their weights normalised renormalise them."""
+        """Redraw the weights as a Gaussian random projection of the same shape, each unit's
+        weights at the norm the layer's rule converges to (the `control=gaussian_features`
+        baseline: the architecture with untrained, isotropic random features at the trained
+        layer's operating point, so that a control never loses by its scale alone). Here a
+        standard Gaussian; layers whose rule fixes a norm override it."""
         self.weight.normal_()
 
     def unconverged(self) -> str | None:

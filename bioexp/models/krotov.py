@@ -36,6 +36,7 @@ Power = Annotated[float, Range(low=2)]  # the rule's p: Krotov & Hopfield use p 
 Strength = Annotated[float, Range(0, 1)]  # delta, the anti-Hebbian push
 Rank = Annotated[int, Range(low=2, high_name="model.hidden")]  # k, the unit pushed away
 LossPower = Annotated[float, Range(low=1)]  # BioLoss's m
+Factor = Annotated[float, Range(low=0, low_open=True)]  # the factor of the head's input
 Linear = Callable[..., nn.Module]
 
 
@@ -95,9 +96,26 @@ def krotov_body(input_shape: Sequence[int], hidden: int, p: float, k: int, delta
     return nn.Sequential(*layers)
 
 
-def head_input(body: nn.Sequential, unit_rows: bool) -> list[nn.Module]:
-    """The head's first module: currents of unit-length weight rows, when asked for."""
-    return [UnitRows(body[-1])] if unit_rows else []
+class Gain(nn.Module):
+    """x times a fixed factor: the scale of the currents an activation such as relu^n sees."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
+def head_input(body: nn.Sequential, unit_rows: bool, gain: float) -> list[nn.Module]:
+    """The head's first modules: currents of unit-length weight rows, when asked for, times
+    `gain` when it is not 1. relu^n is not scale-free: a learnt row aligned with the images
+    gives currents near 0.5, a random one near 1/sqrt(784), which relu^4.5 crushes to 1e-7,
+    so a random-feature control needs its own gain (chosen on validation; docs/benchmark.md)."""
+    return [*([UnitRows(body[-1])] if unit_rows else []), *([Gain(gain)] if gain != 1 else [])]
 
 
 def feature_activation(name: str, n: float) -> nn.Module:
@@ -105,64 +123,65 @@ def feature_activation(name: str, n: float) -> nn.Module:
 
 
 def _fc_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: float, k: int,
-              delta: float, init: str, normalize_input: bool, unit_rows: bool,
+              delta: float, init: str, normalize_input: bool, unit_rows: bool, gain: float,
               activation: str, n: float, head: Sequence[int], dropout: float,
               linear: Linear) -> Classifier:
     body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input)
     layers = mlp_layers([hidden, *head, num_classes], "relu", dropout, linear)
-    return Classifier(head=nn.Sequential(*head_input(body, unit_rows),
+    return Classifier(head=nn.Sequential(*head_input(body, unit_rows, gain),
                                          feature_activation(activation, n), *layers), body=body)
 
 
 def _biocell_model(input_shape: Sequence[int], num_classes: int, hidden: int, p: float, k: int,
-                   delta: float, init: str, normalize_input: bool, unit_rows: bool, n: float,
-                   m: float, beta: float, linear: Linear) -> BioCellClassifier:
+                   delta: float, init: str, normalize_input: bool, unit_rows: bool,
+                   gain: float, n: float, m: float, beta: float,
+                   linear: Linear) -> BioCellClassifier:
     body = krotov_body(input_shape, hidden, p, k, delta, init, normalize_input)
     cell = BioCell(hidden, num_classes, n, beta, linear)
-    head = nn.Sequential(*head_input(body, unit_rows), cell)
+    head = nn.Sequential(*head_input(body, unit_rows, gain), cell)
     return BioCellClassifier(head, body, m)
 
 
 @register_model
 def krotov_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
               p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
-              normalize_input: bool = True, unit_rows: bool = True,
+              normalize_input: bool = True, unit_rows: bool = True, gain: Factor = 1.0,
               activation: Activation = "relu_power", n: float = 4.5,
               head: Sizes = (256, 1024), dropout: Probability = 0.0) -> Classifier:
     """Krotov-Hopfield hidden layer, then fully connected layers trained by backprop."""
     return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
-                     unit_rows, activation, n, head, dropout, nn.Linear)
+                     unit_rows, gain, activation, n, head, dropout, nn.Linear)
 
 
 @register_model
 def krotov_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
               p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4, init: KrotovInit = "uniform",
-              normalize_input: bool = True, unit_rows: bool = True,
+              normalize_input: bool = True, unit_rows: bool = True, gain: Factor = 1.0,
               activation: Activation = "relu_power", n: float = 4.5,
               head: Sizes = (256, 1024), dropout: Probability = 0.0) -> Classifier:
     """Krotov-Hopfield hidden layer, then fully connected layers trained by feedback alignment."""
     return _fc_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
-                     unit_rows, activation, n, head, dropout, FALinear)
+                     unit_rows, gain, activation, n, head, dropout, FALinear)
 
 
 @register_model
 def krotov_biocell_fc(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
                       p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
-                      unit_rows: bool = True, n: float = 4.5, m: LossPower = 6.0,
-                      beta: float = 1.0) -> BioCellClassifier:
+                      unit_rows: bool = True, gain: Factor = 1.0, n: float = 4.5,
+                      m: LossPower = 6.0, beta: float = 1.0) -> BioCellClassifier:
     """Krotov-Hopfield hidden layer under the paper's BioCell classifier, S by backprop."""
     return _biocell_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
-                          unit_rows, n, m, beta, nn.Linear)
+                          unit_rows, gain, n, m, beta, nn.Linear)
 
 
 @register_model
 def krotov_biocell_fa(input_shape: tuple[int, ...], num_classes: int, hidden: Hidden = 2000,
                       p: Power = 3.0, k: Rank = 7, delta: Strength = 0.4,
                       init: KrotovInit = "uniform", normalize_input: bool = True,
-                      unit_rows: bool = True, n: float = 4.5, m: LossPower = 6.0,
-                      beta: float = 1.0) -> BioCellClassifier:
+                      unit_rows: bool = True, gain: Factor = 1.0, n: float = 4.5,
+                      m: LossPower = 6.0, beta: float = 1.0) -> BioCellClassifier:
     """krotov_biocell_fc under the reference's FA name: the same computation, since FA leaves the
     only trained layer's own gradient as it is."""
     return _biocell_model(input_shape, num_classes, hidden, p, k, delta, init, normalize_input,
-                          unit_rows, n, m, beta, FALinear)
+                          unit_rows, gain, n, m, beta, FALinear)
