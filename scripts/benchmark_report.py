@@ -9,13 +9,20 @@ FGSM accuracy at eps 0.1, wall time and trainable parameters. Below the table: t
 versions the runs recorded, their total and summed wall time, and, computed from the table, each
 local-rule family that does not beat its stronger control. The bar chart is `bioexp compare`'s.
 Nothing here is typed in by hand: rerun it on new folders and the page follows.
+
+When the runs differ in `data.labels_per_class` (the label-scarce track; a run without the key
+had every label), each label budget is a row of its own (`labels/class`, `all` for every label),
+a family meets its controls and `bp_mlp` at the same budget, and the figure is accuracy against
+labels per class.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +33,12 @@ from bioexp.compare import (
     mixed_groups,
     with_control,
 )
+
+BUDGET = "data.labels_per_class"  # labelled training images per class; None: every label
+BUDGET_COLUMN = "labels/class"
+EVERY_LABEL = "all"  # the budget column's cell for None
+BACKPROP = "bp_mlp"  # what the local-rule families are set against at each budget
+CHANCE = 0.1  # Fashion-MNIST's ten classes
 
 
 def when(run, key: str) -> datetime | None:
@@ -64,34 +77,135 @@ def test_images(runs) -> str:
                        for n in sorted(limits, key=lambda n: (n is None, n or 0)))
 
 
+def budget_order(cell: str) -> float:
+    """Sort key of a `labels/class` cell: 10, 100, 1000, then all."""
+    return math.inf if cell == EVERY_LABEL else float(cell)
+
+
+def at_budget(cell: str) -> str:
+    return "with every label" if cell == EVERY_LABEL else f"at {int(cell):,} labels per class"
+
+
+def _columns(table) -> tuple[dict[str, int], Callable[[list], str | None]]:
+    """Column indices by name, and a row's budget cell (None when the table has no budgets)."""
+    col = {name: table.header.index(name) for name in table.header}
+    at = col.get(BUDGET_COLUMN)
+    return col, (lambda row: row[at] if at is not None else None)
+
+
+def _spread(*rows: list, std: int) -> float:
+    """Twice the seeds' spread of the rows' means: two standard deviations combined."""
+    return 2 * math.sqrt(sum((row[std] or 0.0) ** 2 for row in rows))
+
+
 def verdicts(table) -> list[str]:
-    """One sentence per trained local-rule family: its gain over its stronger control, and
-    whether that gain is larger than twice the seeds' spread (the two standard deviations
-    combined); a smaller one is no clear gain."""
+    """One sentence per trained local-rule family (and label budget, when the table has them):
+    its gain over its stronger control at the same budget, and whether that gain is larger than
+    twice the seeds' spread (the two standard deviations combined); a smaller one is no clear
+    gain."""
     header = table.header
     if "vs control" not in header:
         return []
-    col = {name: header.index(name) for name in header}
-    mean_of = {(row[col["model"]], row[col["control"]]): row for row in table.rows}
+    col, budget = _columns(table)
+    mean_of = {(row[col["model"]], row[col["control"]], budget(row)): row for row in table.rows}
     lines = []
-    for row in table.rows:
+    for row in sorted(table.rows, key=lambda r: budget_order(budget(r)) if budget(r) else 0):
         gain = row[col["vs control"]]
         if gain is None:
             continue
-        model = row[col["model"]]
-        controls = [r for (m, c), r in mean_of.items() if m == model and c != "-"
-                    and r[col["test_acc mean"]] is not None]
+        model, level = row[col["model"]], budget(row)
+        controls = [r for (m, c, b), r in mean_of.items() if m == model and b == level
+                    and c != "-" and r[col["test_acc mean"]] is not None]
         rival = max(controls, key=lambda r: r[col["test_acc mean"]])
-        spread = 2 * ((row[col["std"]] or 0.0) ** 2 + (rival[col["std"]] or 0.0) ** 2) ** 0.5
+        spread = _spread(row, rival, std=col["std"])
         points = f"{gain * 100:+.2f} points of mean test accuracy"
+        where = f"{at_budget(level)}, " if level is not None else ""
         if abs(gain) <= spread:
-            lines.append(f"- `{model}` is within twice the seeds' spread of its stronger control, "
-                         f"`{rival[col['control']]}` ({points}): no clear gain")
+            lines.append(f"- {where}`{model}` is within twice the seeds' spread of its stronger "
+                         f"control, `{rival[col['control']]}` ({points}): no clear gain")
         else:
             word = "beats" if gain > 0 else "does not beat"
-            lines.append(f"- `{model}` {word} its stronger control, `{rival[col['control']]}` "
-                         f"({points})")
+            lines.append(f"- {where}`{model}` {word} its stronger control, "
+                         f"`{rival[col['control']]}` ({points})")
     return lines
+
+
+def against_backprop(table) -> list[str]:
+    """Per label budget, one sentence: the best trained local-rule family (a model with control
+    rows at that budget) against `bp_mlp` at the same budget, the difference of their means and
+    whether it exceeds twice the seeds' combined spread."""
+    col, budget = _columns(table)
+    if "control" not in col or BUDGET_COLUMN not in col:
+        return []
+    mean, std = col["test_acc mean"], col["std"]
+    lines = []
+    for level in sorted({budget(row) for row in table.rows}, key=budget_order):
+        here = [row for row in table.rows if budget(row) == level and row[mean] is not None]
+        controlled = {row[col["model"]] for row in here if row[col["control"]] != "-"}
+        local = [row for row in here if row[col["control"]] == "-"
+                 and row[col["model"]] in controlled]
+        backprop = [row for row in here if row[col["model"]] == BACKPROP
+                    and row[col["control"]] == "-"]
+        where = at_budget(level)
+        if not local or not backprop:
+            missing = "local-rule family with a control" if not local else f"`{BACKPROP}` run"
+            lines.append(f"- {where}: no {missing} to compare")
+            continue
+        best, rival = max(local, key=lambda row: row[mean]), backprop[0]
+        gain, spread = best[mean] - rival[mean], _spread(best, rival, std=std)
+        points = (f"{gain * 100:+.2f} points of mean test accuracy; twice the seeds' combined "
+                  f"spread: {spread * 100:.2f} points")
+        name = f"`{best[col['model']]}`"
+        if gain > spread:
+            lines.append(f"- {where}, the best local-rule family, {name}, beats `{BACKPROP}` "
+                         f"({points})")
+        elif gain > 0:
+            lines.append(f"- {where}, the best local-rule family, {name}, is within twice the "
+                         f"seeds' spread of `{BACKPROP}` ({points}): no clear gain")
+        else:
+            lines.append(f"- no local-rule family beats `{BACKPROP}` {where}: the best, {name}, "
+                         f"is {'beyond' if -gain > spread else 'within'} twice the seeds' spread "
+                         f"behind it ({points})")
+    return lines
+
+
+def budget_column(table, by: list[str]) -> None:
+    """Name the budget column `labels/class`, write `all` for every label, and sort the rows by
+    budget (10, 100, 1000, all), then by mean test accuracy, best first."""
+    at = by.index(BUDGET)
+    table.header[at] = BUDGET_COLUMN
+    for row in table.rows:
+        row[at] = EVERY_LABEL if row[at] == "None" else row[at]
+    accuracy = table.header.index("test_acc mean")
+    table.rows.sort(key=lambda row: (budget_order(row[at]), -(row[accuracy] or 0.0)))
+
+
+def budget_lines(runs) -> list[str]:
+    """What the label budgets are, for the page's introduction."""
+    budgets = sorted({run.value(BUDGET) for run in runs}, key=lambda b: (b is None, b or 0))
+    numbers = [f"{b:,}" for b in budgets if b is not None]
+    listed = ", ".join(numbers[:-1]) + (" and " if len(numbers) > 1 else "") + numbers[-1]
+    every = ", and every label (`all`)" if None in budgets else ""
+    return [f"Label budgets (`{BUDGET}`, the `{BUDGET_COLUMN}` column): {listed} labelled "
+            f"training images per class{every}. At every budget, phase 1 (the local rules' "
+            "unsupervised learning) saw every training image, without its label; phase 2 trained "
+            "on the labelled images alone (models without local rules have phase 2 only). A "
+            f"family meets its controls and `{BACKPROP}` at the same budget."]
+
+
+def label_curves(table) -> dict[tuple[str, str | None], list[tuple[int | None, float, float]]]:
+    """The table's rows as `plot_label_curves` takes them."""
+    col, budget = _columns(table)
+    curves: dict[tuple[str, str | None], list] = {}
+    for row in table.rows:
+        if row[col["test_acc mean"]] is None:
+            continue
+        control = row[col["control"]] if "control" in col else "-"
+        level = budget(row)
+        curves.setdefault((row[col["model"]], None if control == "-" else control), []).append(
+            (None if level == EVERY_LABEL else int(level), row[col["test_acc mean"]],
+             row[col["std"]]))
+    return curves
 
 
 def main() -> None:
@@ -103,23 +217,32 @@ def main() -> None:
     opts = parser.parse_args()
     runs = [run for folder in opts.folders for run in find_runs(folder)]
     by = with_control(runs, ["model"])
+    budgets = len({run.value(BUDGET) for run in runs}) > 1
+    if budgets:
+        by.append(BUDGET)
     table = group_table(runs, by)
     keep = [i for i, name in enumerate(table.header) if name not in ("unsup/s", "sup/s")]
     table.header[:] = [table.header[i] for i in keep]
     table.rows[:] = [[row[i] for i in keep] for row in table.rows]
     accuracy = table.header.index("test_acc mean")
-    table.rows.sort(key=lambda row: -(row[accuracy] or 0.0))
+    if budgets:
+        budget_column(table, by)
+    else:
+        table.rows.sort(key=lambda row: -(row[accuracy] or 0.0))
     statuses = Counter(r.status for r in runs)
+    same_budget = " at the same label budget" if budgets else ""
     lines = [
-        "# Benchmark: every family and its controls on Fashion-MNIST",
+        "# Benchmark: every family and its controls on Fashion-MNIST"
+        + (", by labels per class" if budgets else ""),
         "",
         f"Made by `{opts.command}` (then `python scripts/benchmark_report.py`); "
         f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in statuses.most_common()) + ".",
+        *(budget_lines(runs) if budgets else []),
         "Each row: the model's own defaults unless its `conf/bench/<row>.yaml` says otherwise; "
         f"test accuracy on {test_images(runs)}, mean and standard deviation over the seeds "
         "(`n`); `vs control`: the mean minus that of the family's stronger random-feature "
-        "control; `fgsm@0.1`: test accuracy under FGSM at eps 0.1; `time s`: wall time of one "
-        "run; `params`: parameters the optimiser trains.",
+        f"control{same_budget}; `fgsm@0.1`: test accuracy under FGSM at eps 0.1; `time s`: wall "
+        "time of one run; `params`: parameters the optimiser trains.",
         "",
         markdown_table(table),
         "",
@@ -131,11 +254,20 @@ def main() -> None:
         "",
         *(verdicts(table) or ["- no local-rule family with a control in these runs"]),
     ]
+    versus = against_backprop(table) if budgets else []
+    if versus:
+        lines += ["", f"Against `{BACKPROP}`, budget by budget:", "", *versus]
     mixed = mixed_groups(runs, by)
     if mixed:
         lines += ["", "Groups whose runs differ in more than the seed:", "",
                   *(f"- {m}" for m in mixed)]
-    if opts.plot is not None:
+    if opts.plot is not None and budgets:
+        from bioexp.plots import plot_label_curves
+
+        plot_label_curves(label_curves(table), opts.plot, chance=CHANCE,
+                          title="Fashion-MNIST test accuracy against labels per class")
+        lines += ["", f"![mean test accuracy against labels per class]({opts.plot.name})"]
+    elif opts.plot is not None:
         from bioexp.plots import plot_leaderboard
 
         std, n = table.header.index("std"), len(by)
