@@ -16,11 +16,17 @@ for l = 1):
                                                        fits every width)
     L_l     = 1/2 [softplus(theta - g_l(pos)) + softplus(g_l(neg) - theta)], batch means
 
-so that the probability that the data are positive is sigmoid(g_l - theta), as in the paper.
-Normalising by the root mean square (the length over sqrt(width)) rather than by the length
-only rescales what every layer reads by a constant: as in the paper, the direction of the
-activity vector passes on and its length (the goodness) does not. The first layer's input, the
-labelled image, is normalised the same way.
+so that the probability that the data are positive is sigmoid(g_l - theta). The paper uses the
+summed goodness G_l = sum_j h_{l,j}^2 = N g_l (N the layer's width), and sigmoid(g_l - theta)
+= sigmoid((G_l - N theta) / N): the paper's probability with a threshold N times larger, read
+through a sigmoid N times shallower. That is no mere rescaling: the loss's slope in G_l, and so
+every gradient, is 1/N of the paper's, and reaching the paper's form would take weights sqrt(N)
+times larger and a sigmoid N times steeper. The mean is kept so that one threshold serves every
+width. Normalising by the root mean square (the length over sqrt(width)) rather than by the
+length multiplies what every layer reads by sqrt(width below), a constant: the direction of the
+activity vector passes on and its length (the goodness) does not, as in the paper, but the
+effective scale of W_l, and so its learning rate, differs from the paper's. The first layer's
+input, the labelled image, is normalised the same way.
 
 Training (`train_step`): the positive and the negative copy of each image go up the network as
 one batch; every layer's input is detached, so L_l reaches W_l and b_l only, and one optimiser
@@ -47,9 +53,13 @@ stands clearly above the others; the training loss `train_loss` is sum_l L_l ins
 training accuracy is reported only with hard negatives, whose scores come for free; with random
 ones `train_acc` is n/a (it would cost a pass per label).
 
-Departures from the paper: mean rather than summed goodness, rms rather than length
-normalisation (both only rescale), and none of its extras (peer normalisation, the learning-rate
-schedule of its MATLAB code, a softmax read-out on the hidden activities). The paper's network
+Departures from the paper: mean rather than summed goodness and rms rather than length
+normalisation (both change the scale of the loss and of the weights' gradients, above); a label
+written with value `label_value` = 10 rather than the one-hot 1 of the paper and of the public
+reimplementations (loeweX/Forward-Forward), so that the label is not drowned by 784 pixels in
+the normalised input (picked on validation: docs/tuning.md); and none of the paper's extras
+(peer normalisation, the learning-rate schedule of its MATLAB code, a softmax read-out on the
+hidden activities). The paper's network
 is 4 layers of 2000 ReLUs (`model.hidden=[2000,2000,2000,2000] model.skip_first=true`, for a
 GPU). The CPU default, picked on a validation split of Fashion-MNIST, is one layer of 1000 with
 hard negatives, counted in prediction: there, layers above the first classified worse than the
