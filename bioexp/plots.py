@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
@@ -393,12 +393,54 @@ def plot_leaderboard(rows: Sequence[tuple[str, float, float | None, bool]], path
 
 
 CONTROL_STYLES = {"random_features": "--", "gaussian_features": ":"}  # others: dash-dot
+Curves = dict[tuple[str, str | None], Sequence[tuple[int | None, float, float | None]]]
 
 
-def plot_label_curves(curves: dict[tuple[str, str | None],
-                                   Sequence[tuple[int | None, float, float | None]]],
-                      path: Path, title: str = "", chance: float | None = None,
-                      all_at: float | None = None) -> Path:
+def _families_best_first(curves: Curves, where: Callable[[int | None], float]) -> list[str]:
+    """The models of `curves`, best first by the trained model's mean at the largest budget (a
+    model without a trained curve: by its best control's)."""
+
+    def last(points) -> float:
+        return max(points, key=lambda p: where(p[0]))[1] if points else 0.0
+
+    def score(model: str) -> float:
+        if (model, None) in curves:
+            return last(curves[model, None])
+        return max(last(points) for (m, _), points in curves.items() if m == model)
+
+    return sorted(dict.fromkeys(model for model, _ in curves), key=lambda m: -score(m))
+
+
+def _accuracy_range(ax, lows: list[float], highs: list[float], chance: float | None) -> float:
+    """Set the y range: zoomed to the values, or from 0 with a line at chance when an error bar
+    reaches below 1.5 times it; returns the bottom."""
+    if chance is not None and any(m < 1.5 * chance for m in lows):
+        bottom, top = 0.0, zoomed_range(lows, highs)[1]
+        ax.axhline(chance, color="0.5", linewidth=1, linestyle=(0, (1, 3)))
+        ax.annotate("chance", (0.01, chance), xycoords=("axes fraction", "data"),
+                    xytext=(0, 2), textcoords="offset points", fontsize=8, color="0.4")
+    else:
+        bottom, top = zoomed_range(lows, highs)
+    ax.set_ylim(bottom, top)
+    return bottom
+
+
+def _curve_legends(ax, colors: dict[str, Any], controls: Sequence[str]) -> None:
+    """Two legends right of the axes: the families' colours, and the line styles."""
+    families = [Line2D([], [], color=color, linewidth=2.5, label=m) for m, color in colors.items()]
+    kinds = [Line2D([], [], color="0.2", marker="o", label="trained model"),
+             *(Line2D([], [], color="0.2", marker="s", markersize=3.5, markerfacecolor="white",
+                      linestyle=CONTROL_STYLES.get(c, "-."), label=f"control: {c}")
+               for c in controls)]
+    first = ax.legend(handles=families, title="family (best first)", fontsize=8,
+                      loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.add_artist(first)
+    ax.legend(handles=kinds, title="line", fontsize=8, loc="lower left",
+              bbox_to_anchor=(1.02, 0.0), borderaxespad=0)
+
+
+def plot_label_curves(curves: Curves, path: Path, title: str = "",
+                      chance: float | None = None, all_at: float | None = None) -> Path:
     """Mean test accuracy against labelled training images per class, on a log axis.
 
     `curves` maps (model, control or None) to its points (labels per class, None for every
@@ -416,27 +458,16 @@ def plot_label_curves(curves: dict[tuple[str, str | None],
     def where(budget: int | None) -> float:
         return float(budget) if budget is not None else all_at
 
-    def last(points: Sequence[tuple[int | None, float, float | None]]) -> float:
-        return max(points, key=lambda p: where(p[0]))[1] if points else 0.0
-
-    def score(model: str) -> float:  # the trained model's, else the best control's
-        if (model, None) in curves:
-            return last(curves[model, None])
-        return max(last(points) for (m, _), points in curves.items() if m == model)
-
-    models = sorted(dict.fromkeys(model for model, _ in curves), key=lambda m: -score(m))
+    models = _families_best_first(curves, where)
     colors = dict(zip(models, group_colors(len(models)), strict=True))
     keys = sorted(curves, key=lambda k: (models.index(k[0]), k[1] is not None, str(k[1])))
     step = min(0.012, 0.12 / max(len(keys), 1))  # decades between neighbouring lines
     fig, ax = plt.subplots(figsize=(9.5, 5.2))
     lows, highs = [], []
-    for i, key in enumerate(keys):
-        model, control = key
-        points = sorted(curves[key], key=lambda p: where(p[0]))
+    for i, (model, control) in enumerate(keys):
+        points = sorted(curves[model, control], key=lambda p: where(p[0]))
         nudge = 10 ** ((i - (len(keys) - 1) / 2) * step)
-        x = [where(b) * nudge for b, *_ in points]
-        mean = [m for _, m, _ in points]
-        std = [s or 0.0 for *_, s in points]
+        mean, std = [m for _, m, _ in points], [s or 0.0 for *_, s in points]
         lows += [m - s for m, s in zip(mean, std, strict=True)]
         highs += [m + s for m, s in zip(mean, std, strict=True)]
         if control is None:
@@ -444,42 +475,24 @@ def plot_label_curves(curves: dict[tuple[str, str | None],
         else:
             style = dict(linestyle=CONTROL_STYLES.get(control, "-."), marker="s", markersize=3.5,
                          markerfacecolor="white", linewidth=1.5, alpha=0.9)
-        ax.errorbar(x, mean, yerr=std, color=colors[model], capsize=3, elinewidth=1, **style)
-    near_chance = chance is not None and any(m < 1.5 * chance for m in lows)
-    if near_chance:
-        bottom, top = 0.0, zoomed_range(lows, highs)[1]
-        ax.axhline(chance, color="0.5", linewidth=1, linestyle=(0, (1, 3)))
-        ax.annotate("chance", (0.01, chance), xycoords=("axes fraction", "data"),
-                    xytext=(0, 2), textcoords="offset points", fontsize=8, color="0.4")
-    else:
-        bottom, top = zoomed_range(lows, highs)
+        ax.errorbar([where(b) * nudge for b, *_ in points], mean, yerr=std, color=colors[model],
+                    capsize=3, elinewidth=1, **style)
+    bottom = _accuracy_range(ax, lows, highs, chance)
     every = any(b is None for points in curves.values() for b, *_ in points)
     ticks = [*budgets, *([all_at] if every else [])]
     ax.set_xscale("log")
     ax.set_xticks(ticks, [*(f"{b:,}" for b in budgets), *(["all"] if every else [])])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)
-    ax.set_ylim(bottom, top)
     start = f" (axis from {bottom:g})" if bottom > 0 else ""
     ax.set(xlabel="labelled training images per class (log scale; all: every label)",
            ylabel=f"test accuracy, mean over seeds{start}",
            title=title or "test accuracy against labels per class")
     ax.grid(alpha=0.3)
-    families = [Line2D([], [], color=colors[m], linewidth=2.5, label=m)
-                for m in models]
     known = list(CONTROL_STYLES)
-    controls = sorted({c for _, c in keys if c is not None},
-                      key=lambda c: (known.index(c) if c in known else len(known), c))
-    kinds = [Line2D([], [], color="0.2", marker="o", label="trained model"),
-             *(Line2D([], [], color="0.2", marker="s", markersize=3.5,
-                                       markerfacecolor="white",
-                                       linestyle=CONTROL_STYLES.get(c, "-."),
-                                       label=f"control: {c}") for c in controls)]
-    first = ax.legend(handles=families, title="family (best first)", fontsize=8,
-                      loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    ax.add_artist(first)
-    ax.legend(handles=kinds, title="line", fontsize=8, loc="lower left",
-              bbox_to_anchor=(1.02, 0.0), borderaxespad=0)
+    _curve_legends(ax, colors, sorted({c for _, c in keys if c is not None},
+                                      key=lambda c: (known.index(c) if c in known
+                                                     else len(known), c)))
     ax.annotate("error bars: standard deviation over the seeds", (0, 0),
                 xycoords="axes fraction", xytext=(0, -38), textcoords="offset points",
                 fontsize=7, color="0.4", va="top")
