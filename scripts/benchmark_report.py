@@ -120,7 +120,11 @@ def verdicts(table) -> list[str]:
         spread = _spread(row, rival, std=col["std"])
         points = f"{gain * 100:+.2f} points of mean test accuracy"
         where = f"{at_budget(level)}, " if level is not None else ""
-        if abs(gain) <= spread:
+        if min(row[col["n"]], rival[col["n"]]) < 2:
+            lines.append(f"- {where}`{model}` against its stronger control, "
+                         f"`{rival[col['control']]}`: {points}, from one seed: no verdict "
+                         "(the seeds' spread is unknown)")
+        elif abs(gain) <= spread:
             lines.append(f"- {where}`{model}` is within twice the seeds' spread of its stronger "
                          f"control, `{rival[col['control']]}` ({points}): no clear gain")
         else:
@@ -156,7 +160,11 @@ def against_backprop(table) -> list[str]:
         points = (f"{gain * 100:+.2f} points of mean test accuracy; twice the seeds' combined "
                   f"spread: {spread * 100:.2f} points")
         name = f"`{best[col['model']]}`"
-        if gain > spread:
+        if min(best[col["n"]], rival[col["n"]]) < 2:
+            lines.append(f"- {where}, the best local-rule family, {name}, against `{BACKPROP}`: "
+                         f"{gain * 100:+.2f} points of mean test accuracy, from one seed: no "
+                         "verdict (the seeds' spread is unknown)")
+        elif gain > spread:
             lines.append(f"- {where}, the best local-rule family, {name}, beats `{BACKPROP}` "
                          f"({points})")
         elif gain > 0:

@@ -145,3 +145,13 @@ def test_budgets_without_any_control(tmp_path: Path) -> None:
     assert header[:2] == ["model", "labels/class"] and [row[1] for row in rows] == ["10", "all"]
     assert "- no local-rule family with a control in these runs" in page
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_a_single_seed_gets_no_verdict(tmp_path):
+    """One seed has no spread: the page gives the difference and says it cannot judge it."""
+    from test_compare import write_control_runs
+
+    write_control_runs(tmp_path / "runs", {("krotov_fc", None): [0.88],
+                                           ("krotov_fc", "gaussian_features"): [0.87]})
+    assert ("`krotov_fc` against its stronger control, `gaussian_features`: +1.00 points of "
+            "mean test accuracy, from one seed: no verdict") in report(tmp_path)
