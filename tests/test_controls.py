@@ -21,11 +21,15 @@ KROTOV = (*TINY, "model=krotov_fc", "model.hidden=32", "schedule.unsupervised.ba
 HEBB = (*TINY, "model=semihebb", "model.hebbian=[24]")
 
 
-def initial_weights(cfg) -> torch.Tensor:
-    """The local layer's weights as the run builds them (same seed, same factory)."""
+def seeded_model(cfg) -> torch.nn.Module:
+    """The model as the run builds it (same seed, same factory)."""
     seed_everything(cfg.seed)
-    model = build_model(cfg.model.name, (1, 28, 28), 10, **model_hyperparameters(cfg))
-    return local_layers(model)[0].weight.clone()
+    return build_model(cfg.model.name, (1, 28, 28), 10, **model_hyperparameters(cfg))
+
+
+def initial_weights(cfg) -> torch.Tensor:
+    """The local layer's weights as the run builds them."""
+    return local_layers(seeded_model(cfg))[0].weight.clone()
 
 
 def final_weights(run_dir: Path, name: str) -> torch.Tensor:
@@ -121,9 +125,7 @@ def head_input_spread(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def bench_model(make_cfg, row: str, narrow: tuple[str, ...]):
     cfg = make_cfg(f"+bench={row}", *narrow)
-    seed_everything(0)
-    model = build_model(cfg.model.name, (1, 28, 28), 10, **model_hyperparameters(cfg))
-    return cfg, model
+    return cfg, seeded_model(cfg)
 
 
 @needs_fashion
