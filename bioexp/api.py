@@ -51,7 +51,15 @@ __all__ = ["RunDiverged", "TrainedRun", "load_run", "run"]
 
 class RunDiverged(BioexpError):
     """`bioexp.run` trained no usable model: the run diverged. Its folder keeps the metrics,
-    the summary (with where it diverged) and the last checkpoint before it did."""
+    the summary (with where it diverged) and the last checkpoint before it did.
+
+    The message names the folder and the summary's `error`; `bioexp.load_run(path)` still reads
+    the last checkpoint back.
+
+    Attributes:
+        path: The run folder.
+        summary: The run's summary.json: `status` is "diverged", `error` says where and why.
+    """
 
     def __init__(self, path: Path, summary: dict[str, Any]):
         super().__init__(f"the run in {path} diverged: {summary.get('error')}")
@@ -60,14 +68,28 @@ class RunDiverged(BioexpError):
 
 def run(overrides: Sequence[str] = (), *, run_dir: str | Path | None = None) -> TrainedRun:
     """Train one run as `bioexp train <overrides>` would, into `run_dir` (else the command's
-    folder, outputs/<date>/<time>_<model>_<data>, or `hydra.run.dir=` among the overrides), and
+    folder, `outputs/<date>/<time>_<model>_<data>`, or `hydra.run.dir=` among the overrides), and
     return it: `path`, `cfg`, `summary`, `model` (eval mode, on the run's device), `data`,
     `metrics`. A folder that holds the same run continues it, or returns it when it is done;
     `resume=FOLDER` continues that run.
 
-    Raises ConfigError (or another BioexpError) for a mistake, before any folder is made;
-    RunDiverged when the run diverges; KeyboardInterrupt after Ctrl-C (the folder keeps what
-    was done, and `resume=FOLDER` continues it).
+    Args:
+        overrides: Hydra overrides, as `bioexp train` takes them: `["model=krotov_fc",
+            "schedule.supervised.epochs=5"]`, `["experiment=..."]` or `["resume=FOLDER"]`.
+            A list, never one string; no flags (`-m`): one call trains one run.
+        run_dir: The run folder. None: the command's own (see above). Not together with
+            `resume=`, which continues the run in its own folder.
+
+    Returns:
+        The finished run, read back from its folder (`bioexp.runs.TrainedRun`).
+
+    Raises:
+        BioexpError: A mistake, in one sentence: ConfigError for the overrides or the config,
+            DeviceError for the device, DataError for the dataset. What can be checked without
+            training is checked before any folder is made.
+        RunDiverged: The run diverged; its folder keeps what it did.
+        KeyboardInterrupt: After Ctrl-C; the folder keeps what was done, and `resume=FOLDER`
+            continues it.
     """
     args = command_line(overrides, run_dir)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3",
@@ -84,7 +106,23 @@ def run(overrides: Sequence[str] = (), *, run_dir: str | Path | None = None) -> 
 def load_run(folder: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
     """The run in `folder` as its last checkpoint left it: `path`, `cfg`, `summary`, `model`
     (eval mode, on `device`: cpu, cuda, cuda:N or auto), `data` (its dataset, on `device`),
-    `metrics`. ConfigError when the folder holds no readable checkpoint."""
+    `metrics`. ConfigError when the folder holds no readable checkpoint.
+
+    Args:
+        folder: A run folder, as `bioexp.run` or `bioexp train` wrote it (a diverged or
+            interrupted run's too: its last checkpoint).
+        device: Where the model and the data go: `cpu`, `cuda`, `cuda:N`, `auto` (CUDA when
+            there is one), or a `torch.device`.
+
+    Returns:
+        The run (`bioexp.runs.TrainedRun`); its model in eval mode.
+
+    Raises:
+        ConfigError: The folder is missing, or holds no readable bioexp checkpoint, or its
+            checkpoint does not fit the model its config names.
+        DeviceError: `device` is not available here.
+        DataError: The run's dataset cannot be found or read.
+    """
     return runs.load_run(Path(folder), resolve_device(str(device)))
 
 
@@ -180,10 +218,12 @@ class JobCallbacks:
         self.callbacks = [instantiate(spec) for spec in callbacks.values()]
 
     def on_job_start(self, config: DictConfig, *, task_function: TaskFunction) -> None:
+        """Every callback's `on_job_start`, in the config's order."""
         for callback in self.callbacks:
             callback.on_job_start(config=config, task_function=task_function)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn) -> None:
+        """Every callback's `on_job_end`, in reverse order."""
         for callback in reversed(self.callbacks):
             callback.on_job_end(config=config, job_return=job_return)
 

@@ -52,6 +52,19 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 @dataclass(frozen=True)
 class Run:
+    """One run folder as the tables read it: its summary, its overrides, its config and what
+    `bioexp eval` measured. No torch: nothing is loaded but small text files.
+
+    Attributes:
+        path: The run folder.
+        summary: summary.json (`status`, `test_acc`, `wall_time_s`, `phases`, ...); {} when
+            the run never wrote one, `{"status": "unreadable"}` when it cannot be read.
+        overrides: The command-line overrides Hydra recorded (`.hydra/overrides.yaml`).
+        config: `.hydra/config.yaml` flattened to dotted keys (`schedule.supervised.lr`).
+        evals: `eval/fgsm.json` and `eval/efficiency.json`, by name, when `bioexp eval` wrote
+            them.
+    """
+
     path: Path
     summary: dict[str, Any]
     overrides: tuple[str, ...]
@@ -59,7 +72,14 @@ class Run:
     evals: dict[str, Any] = field(default_factory=dict)  # eval/<name>.json by name (bioexp eval)
 
     def fgsm(self, eps: float) -> float | None:
-        """Test accuracy under FGSM of strength `eps`, when `bioexp eval` measured it."""
+        """Test accuracy under FGSM of strength `eps`, when `bioexp eval` measured it.
+
+        Args:
+            eps: The attack's strength, one that `bioexp eval` measured (0.1, not 0.10001).
+
+        Returns:
+            The accuracy, or None when it was not measured at `eps`.
+        """
         fgsm = self.evals.get("fgsm") or {}
         table = dict(zip(fgsm.get("eps", []), fgsm.get("accuracy", []), strict=False))
         return table.get(eps)
@@ -70,22 +90,35 @@ class Run:
         return count if isinstance(count, int) else None
 
     def mflops(self) -> float | None:
+        """Forward MFLOP per sample (`eval/efficiency.json`), None when not measured."""
         flops = (self.evals.get("efficiency") or {}).get("flops_per_sample")
         return flops / 1e6 if isinstance(flops, (int, float)) else None
 
     @property
     def status(self) -> str:
+        """summary.json's `status` (`completed`, `diverged`, `interrupted`, `failed`,
+        `running`, `unreadable`), or `no summary`."""
         return str(self.summary.get("status", NO_SUMMARY))
 
     def value(self, key: str) -> Any:
         """A config group's choice (`model`, `data`, `schedule`), any dotted config key, or a
-        summary.json field."""
+        summary.json field.
+
+        Args:
+            key: `model`, `control`, `data` or `schedule`; a dotted config key; or a
+                summary.json field.
+
+        Returns:
+            The value as the run recorded it (the config first, then the summary); None when
+                the run has no such key.
+        """
         if key in GROUPS:
             return self.config.get(f"{key}.name", self.summary.get(GROUP_FIELDS.get(key, key)))
         return self.config[key] if key in self.config else self.summary.get(key)
 
     def shown(self, key: str) -> Any:
-        """`value(key)` as tables show it: NO_CONTROL for a run that is not a control."""
+        """`value(key)` as tables show it: `-` (NO_CONTROL) for the `control` of a run that is
+        not a control."""
         value = self.value(key)
         return NO_CONTROL if key == "control" and value is None else value
 
@@ -106,6 +139,7 @@ class Run:
 
     @property
     def completed(self) -> bool:
+        """Whether the run finished (status `completed`): only such runs enter a group's mean."""
         return self.status == "completed"
 
 
@@ -115,7 +149,17 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def find_runs(root: Path) -> list[Run]:
-    """Every run folder at or under `root`, in natural order of their paths."""
+    """Every run folder at or under `root`, in natural order of their paths.
+
+    A run folder is one with `summary.json` or `.hydra/config.yaml`; the search does not enter
+    a run's own `.hydra`, `checkpoints`, `plots`, `eval` or `.submitit` folders.
+
+    Args:
+        root: A run folder, or a folder (a sweep's, `outputs/`) to search.
+
+    Returns:
+        The runs, `9_x` before `10_x`; empty when there is none.
+    """
     folders = []
     for folder, dirs, files in os.walk(root):
         if SUMMARY in files or os.path.isfile(os.path.join(folder, ".hydra", "config.yaml")):
@@ -130,6 +174,15 @@ def _load_yaml(path: Path) -> Any:
 
 
 def read_run(folder: Path) -> Run:
+    """The run in `folder`, from whatever of its files can be read: a damaged summary gives
+    status `unreadable`, a damaged `.hydra` folder no overrides and no config.
+
+    Args:
+        folder: A run folder, as a `Path`.
+
+    Returns:
+        The run.
+    """
     summary: dict[str, Any] = {}
     if (folder / SUMMARY).exists():
         try:
@@ -155,7 +208,15 @@ def read_run(folder: Path) -> Run:
 
 
 def varying_overrides(runs: list[Run]) -> list[dict[str, str]]:
-    """Per run, the overrides (key -> value) whose value is not the same in every run."""
+    """Per run, the overrides (key -> value) whose value is not the same in every run.
+
+    Args:
+        runs: The runs.
+
+    Returns:
+        One dict per run, in the order of `runs`, with the same keys for every run (sorted);
+            "" where a run does not set the key.
+    """
     parsed = [dict(o.split("=", 1) for o in run.overrides if "=" in o) for run in runs]
     keys = sorted({k for p in parsed for k in p})
     varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
@@ -163,7 +224,14 @@ def varying_overrides(runs: list[Run]) -> list[dict[str, str]]:
 
 
 def run_names(runs: list[Run]) -> list[str]:
-    """Each run's path relative to the folder that holds them all (its name if alone)."""
+    """Each run's path relative to the folder that holds them all (its name if alone).
+
+    Args:
+        runs: The runs.
+
+    Returns:
+        One name per run, in the order of `runs`.
+    """
     if len(runs) < 2:
         return [run.path.name for run in runs]
     common = Path(os.path.commonpath([run.path.resolve() for run in runs]))
@@ -176,11 +244,33 @@ def run_names(runs: list[Run]) -> list[str]:
 
 @dataclass
 class Table:
+    """A table of raw values, before rendering: what `run_table`, `group_table` and
+    `efficiency_table` build and `text_table`, `markdown_table` and `write_csv` render.
+
+    Attributes:
+        header: The column names.
+        rows: One list of raw values per row, in the header's order: str, int, float or None
+            (a missing value).
+        shared: Config group -> the value every run has, for columns moved out of the table
+            (`without_shared_groups`).
+    """
+
     header: list[str]
     rows: list[list[Any]]  # raw values: str, int, float or None
     shared: dict[str, str] = field(default_factory=dict)  # group -> value common to every run
 
     def column(self, name: str) -> list[Any]:
+        """The raw values of column `name` (its full header), one per row.
+
+        Args:
+            name: The column's header.
+
+        Returns:
+            The column's values, in row order.
+
+        Raises:
+            ValueError: There is no such column.
+        """
         i = self.header.index(name)
         return [row[i] for row in self.rows]
 
@@ -223,7 +313,16 @@ def shown_groups(runs: list[Run]) -> list[str]:
 
 def run_table(runs: list[Run]) -> Table:
     """One row per run: its name, config groups, varying overrides, status, accuracies (final
-    and best test accuracy, final validation accuracy) and costs."""
+    and best test accuracy, final validation accuracy) and costs.
+
+    Args:
+        runs: The runs, in the order of the rows.
+
+    Returns:
+        The table: columns `run`, `model`, (`control`,) `data`, `schedule`, the overrides that
+            vary, `status`, `final`, `best` (and `val` when a run has a validation accuracy), then
+            the costs (`time s`, `params`, `unsup/s`, `sup/s`, `rss MB`, ... where recorded).
+    """
     varying = varying_overrides(runs)
     keys = [k for k in (varying[0] if varying else {}) if k not in GROUPS]
     groups = shown_groups(runs)
@@ -243,7 +342,15 @@ def efficiency_table(runs: list[Run], eps: list[float]) -> Table:
     """What `bioexp eval` measured, one row per run: accuracy under FGSM at 0 and 0.1 (or the
     first two strengths measured), forward MFLOP per sample, parameters trained by the
     optimiser, by local rules and held otherwise (`registry.parameter_counts`), and the run's time,
-    per-phase throughput and peak memory."""
+    per-phase throughput and peak memory.
+
+    Args:
+        runs: The runs, as `read_run` reads them after `bioexp eval` (their `evals`).
+        eps: The FGSM strengths that were measured.
+
+    Returns:
+        The table.
+    """
     shown = [e for e in (0.0, 0.1) if e in eps] or eps[:2]
     costs = [c for c in _cost_columns(runs) if not c[0].startswith("fgsm") and c[0] != "params"]
     kinds = ("trainable", "local", "other")
@@ -264,7 +371,16 @@ def _mean(values: list[float | None]) -> float | None:
 
 def with_control(runs: list[Run], by: list[str]) -> list[str]:
     """`by`, plus `control` when grouping by model and some runs are random-feature controls:
-    a family and its controls are different rows, never one mean."""
+    a family and its controls are different rows, never one mean.
+
+    Args:
+        runs: The runs to group.
+        by: The keys to group by.
+
+    Returns:
+        The keys `group_table` should group by; `bioexp compare --by` passes its keys
+            through this.
+    """
     if "model" in by and "control" not in by and any(r.value("control") for r in runs):
         return [*by, "control"]
     return by
@@ -274,7 +390,21 @@ def group_table(runs: list[Run], by: list[str], metric: str = "test_acc") -> Tab
     """One row per distinct value of the `by` keys: mean, standard deviation and count of
     `metric` over the group's completed runs, their mean costs, and every status seen. When
     `by` holds `control`, `vs control` is a trained group's mean minus the mean of its stronger
-    control (the same other keys, the higher-scoring control)."""
+    control (the same other keys, the higher-scoring control).
+
+    Args:
+        runs: The runs.
+        by: Keys as `Run.value` reads them (`model`, `data`, `control`, dotted config keys);
+            pass them through `with_control` first, as `bioexp compare` does, so that controls
+            are not averaged with the family they control.
+        metric: A summary.json field (`test_acc`, `best_test_acc`, `val_acc`,
+            `wall_time_s`, ...; `metric_field` turns `final`, `best`, `val` into these).
+
+    Returns:
+        The table: the `by` keys, `<metric> mean`, `std` (None below two runs), `n` (completed
+            runs with the metric), `vs control` when `by` holds `control`, the mean costs, and
+            `statuses` (`3 completed, 1 diverged`).
+    """
     groups = group_runs(runs, by)
     costs = _cost_columns(runs)
     controls = "control" in by
@@ -310,6 +440,8 @@ def _over_control(key: tuple[str, ...], at: int, means: dict[tuple[str, ...], fl
 
 
 def group_runs(runs: list[Run], by: list[str]) -> dict[tuple[str, ...], list[Run]]:
+    """The runs by their values of the `by` keys (as strings; `-` for `control` in a run that
+    is not a control), in the order each group first appears."""
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         groups.setdefault(tuple(str(run.shown(k)) for k in by), []).append(run)
@@ -318,14 +450,30 @@ def group_runs(runs: list[Run], by: list[str]) -> dict[tuple[str, ...], list[Run
 
 def metric_field(name: str) -> str:
     """The summary.json field a metric names: `final`, `best` and `val` (the table's names)
-    stand for `test_acc`, `best_test_acc` and `val_acc`."""
+    stand for `test_acc`, `best_test_acc` and `val_acc`.
+
+    Args:
+        name: A metric's name, as `--metric` takes it.
+
+    Returns:
+        The field's name; any other name unchanged.
+    """
     return ACCURACY_COLUMNS.get(name, name)
 
 
 def missing_key(runs: list[Run], key: str, metric: bool = False) -> str | None:
     """None when some run has `key` (a config group, a dotted config key or a summary.json
     field; a summary.json field or an accuracy for a `metric`), else why not in a few words,
-    with the keys the runs have that come closest."""
+    with the keys the runs have that come closest.
+
+    Args:
+        runs: The runs.
+        key: The key to look for.
+        metric: Look for a summary.json field (a metric) instead of any key.
+
+    Returns:
+        None, or a phrase such as `no run has this key (did you mean model.hidden?)`.
+    """
     if metric:
         if key in ACCURACY_COLUMNS.values() or any(key in r.summary for r in runs):
             return None
@@ -346,7 +494,18 @@ def missing_key(runs: list[Run], key: str, metric: bool = False) -> str | None:
 
 def mixed_groups(runs: list[Run], by: list[str], shown: int = 5) -> list[str]:
     """One line per `by` group whose completed runs differ in config keys other than the `by`
-    keys and those of UNCOMPARED_KEYS, naming the first `shown` of those keys."""
+    keys and those of UNCOMPARED_KEYS, naming the first `shown` of those keys.
+
+    Args:
+        runs: The runs.
+        by: The keys the groups are made by.
+        shown: How many differing keys a line names.
+
+    Returns:
+        One warning per such group (`bioexp compare` prints them); empty when every group's
+            mean is over runs that differ only in their seed (or in keys that do not change what
+            they learn).
+    """
     same = {*UNCOMPARED_KEYS, *by, *(f"{key}.name" for key in by if key in GROUPS)}
     lines = []
     for group, members in group_runs(runs, by).items():
@@ -362,7 +521,18 @@ def mixed_groups(runs: list[Run], by: list[str], shown: int = 5) -> list[str]:
 
 
 def sort_table(table: Table, column: str) -> Table:
-    """Rows by `column`, numbers largest first, then text in order; empty cells last."""
+    """Rows by `column`, numbers largest first, then text in order; empty cells last.
+
+    Args:
+        table: The table.
+        column: A column, as `find_column` finds it (`final`, `test_acc`, `lr`, ...).
+
+    Returns:
+        A new table with the rows sorted.
+
+    Raises:
+        ValueError: There is no such column (the message lists those there are).
+    """
     i = find_column(table.header, column)
 
     def key(row: list[Any]) -> tuple:
@@ -446,6 +616,8 @@ def without_empty_columns(table: Table) -> Table:
 
 
 def markdown_table(table: Table) -> str:
+    """The table in Markdown, its cells formatted as `text_table` formats them (accuracies to
+    4 places, ...), without cutting any."""
     header, rows = _cells(table)
     widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
 
@@ -539,7 +711,15 @@ def text_table(table: Table, width: int = 100) -> str:
     different values of a column look the same: the run name first, as far as needed; override
     values, then config groups (model names) only when that makes the table fit. Numbers,
     statuses and headers are never cut, so a table with many of them may stay wider than
-    `width`."""
+    `width`.
+
+    Args:
+        table: The table.
+        width: The width to fit, in characters.
+
+    Returns:
+        The table as lines of text, joined by newlines, without a final newline.
+    """
     shared = without_empty_columns(without_shared_groups(table))
     header, rows = _cells(shared)
     header = short_headers(header)
@@ -588,7 +768,12 @@ def text_table(table: Table, width: int = 100) -> str:
 
 
 def write_csv(path: Path, table: Table) -> None:
-    """The table with raw values: full precision, empty cells for missing values."""
+    """The table with raw values: full precision, empty cells for missing values.
+
+    Args:
+        path: The CSV file to write (replaced when it exists).
+        table: The table.
+    """
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(table.header)
@@ -605,7 +790,18 @@ def runs_table(runs: list[Run]) -> str:
 
 
 def plot_groups(runs: list[Run], by: list[str]) -> dict[str, list[Run]]:
-    """Label -> runs: the `by` groups, or else runs that differ only in their seed together."""
+    """Label -> runs: the `by` groups, or else runs that differ only in their seed together.
+
+    Args:
+        runs: The runs.
+        by: Keys to group by; empty: group the runs whose varying overrides are the same but
+            for `seed`.
+
+    Returns:
+        Label -> the group's runs. A label is the group's `by` values joined by commas, or
+            else the overrides that vary but `seed` (`model=krotov_fc, data=mnist`), or the
+            model's name when none does.
+    """
     if by:
         return {", ".join(key): members for key, members in group_runs(runs, by).items()}
     groups: dict[str, list[Run]] = {}
@@ -616,7 +812,16 @@ def plot_groups(runs: list[Run], by: list[str]) -> dict[str, list[Run]]:
 
 
 def learning_curve(run: Run, metric: str = "test_acc") -> list[tuple[int, float]]:
-    """(supervised epoch, metric) for every evaluation the run logged."""
+    """(supervised epoch, metric) for every evaluation the run logged.
+
+    Args:
+        run: The run; its metrics.jsonl is read.
+        metric: A metrics.jsonl column: `test_acc`, `val_acc`, `train_acc`, `test_loss`, ...
+
+    Returns:
+        The points, from epoch 1 on, skipping rows without a number for `metric`; empty when
+            the run logged none.
+    """
     rows = read_metrics(run.path / METRICS)
     return [(r["epoch"], r[metric]) for r in rows
             if r.get("phase") == "supervised" and r.get("epoch", 0) > 0

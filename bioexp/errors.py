@@ -4,7 +4,16 @@ import sys
 
 
 class BioexpError(Exception):
-    """A mistake in the user's input or environment that bioexp reports in one sentence."""
+    """A mistake in the user's input or environment that bioexp reports in one sentence.
+
+    The message is that sentence: the commands print it as `bioexp: error: <message>` and exit
+    with `exit_code`; from Python (`bioexp.run`, `bioexp.load_run`) it is raised as it is.
+    Catch BioexpError for any of the kinds below.
+
+    Attributes:
+        exit_code: The exit status of a command that stops on this error (2, as for a usage
+            error).
+    """
 
     exit_code = 2
 
@@ -22,6 +31,14 @@ class DeviceError(BioexpError):
 
 
 def refuse(message: str, code: int = 2) -> None:
-    """End the command with `bioexp: error: <message>` on stderr and exit code `code`."""
+    """End the command with `bioexp: error: <message>` on stderr and exit code `code`.
+
+    Args:
+        message: The one sentence to print.
+        code: The exit status.
+
+    Raises:
+        SystemExit: Always (`sys.exit(code)`).
+    """
     print(f"bioexp: error: {message}", file=sys.stderr)
     sys.exit(code)

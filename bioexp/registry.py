@@ -29,10 +29,18 @@ from bioexp.layers.local import LocalLayer
 
 # Arguments that the engine supplies from the dataset; configs do not set them.
 DATASET_ARGS = ("input_shape", "num_classes")
+"""The arguments every factory takes that come from the dataset, not from the config."""
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered model: its name and its factory, and what the factory's signature says.
+
+    Attributes:
+        name: The name configs use (`model.name`, `conf/model/<name>.yaml`): the factory's.
+        factory: The registered function.
+    """
+
     name: str
     factory: Callable[..., nn.Module]
 
@@ -56,7 +64,21 @@ class ModelEntry:
 @dataclass(frozen=True)
 class Range:
     """Bounds on a number, or on every number of a list, and a least length for lists; used as
-    `Annotated` metadata on a factory's hyperparameters."""
+    `Annotated` metadata on a factory's hyperparameters.
+
+    `Annotated[float, Range(0, 1, high_open=True)]` accepts 0 <= x < 1; `Annotated[Sequence[int],
+    Range(low=1, min_len=1)]` a non-empty list of integers each at least 1. `build_model`
+    refuses a value outside the range with a ConfigError that names the key and the bounds.
+
+    Attributes:
+        low: The least value (-inf: none).
+        high: The greatest value (inf: none).
+        low_open: Whether `low` itself is excluded.
+        high_open: Whether `high` itself is excluded.
+        min_len: The least length of a list.
+        high_name: An upper bound that is another hyperparameter (`model.hidden`), for the
+            description only: the registry cannot check it, the factory does.
+    """
 
     low: float = -math.inf
     high: float = math.inf
@@ -68,6 +90,15 @@ class Range:
     high_name: str = ""
 
     def holds(self, value: Any) -> bool:
+        """Whether `value` (a number, or a list or tuple of numbers) is within the bounds.
+
+        Args:
+            value: A config value.
+
+        Returns:
+            True for a number within the bounds, or a list at least `min_len` long whose
+                every entry is.
+        """
         if isinstance(value, (list, tuple)):
             return len(value) >= self.min_len and all(self.holds(v) for v in value)
         above = value > self.low if self.low_open else value >= self.low
@@ -90,7 +121,24 @@ _MODELS: dict[str, ModelEntry] = {}
 
 
 def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register `factory` under its function name. Its first docstring line describes it."""
+    """Register `factory` under its function name. Its first docstring line describes it.
+
+    A decorator. The factory takes `input_shape` (C, H, W) and `num_classes`, which the engine
+    supplies from the dataset, and keyword arguments with defaults, which are the model's
+    hyperparameters: `conf/model/<name>.yaml` sets them, and their type hints (with `Range`
+    inside `Annotated`, or a `Literal` of choices) are the schema `build_model` checks. It
+    returns the model, a `bioexp.models.base.Classifier` (or a module with the same methods).
+    The first paragraph of its docstring is the description `bioexp list model=NAME` shows.
+
+    Args:
+        factory: The model's factory function.
+
+    Returns:
+        `factory` itself, unchanged.
+
+    Raises:
+        ValueError: A model of that name is already registered.
+    """
     name = factory.__name__
     if name in _MODELS:
         raise ValueError(f"model {name!r} is registered twice")
@@ -100,11 +148,26 @@ def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module
 
 def list_models() -> list[ModelEntry]:
     """Every registered model, by name. The built-in ones register when `bioexp.models` is
-    imported; the registry itself imports no model."""
+    imported; the registry itself imports no model.
+
+    Returns:
+        The entries, sorted by name.
+    """
     return [_MODELS[name] for name in sorted(_MODELS)]
 
 
 def get_model_entry(name: str) -> ModelEntry:
+    """The registered model `name`.
+
+    Args:
+        name: A registered model's name.
+
+    Returns:
+        Its entry.
+
+    Raises:
+        ConfigError: No model of that name is registered (the message lists those that are).
+    """
     if name not in _MODELS:
         known = ", ".join(sorted(_MODELS)) or "none (import bioexp.models to register them)"
         raise ConfigError(f"unknown model {name!r}; available: {known}")
@@ -165,7 +228,19 @@ def _describe(hint: Any) -> str:
 
 
 def check_hyperparameters(name: str, hyperparameters: dict[str, Any]) -> None:
-    """ConfigError for an unknown model, an unknown key, or a value of the wrong type."""
+    """ConfigError for an unknown model, an unknown key, or a value of the wrong type.
+
+    Checks each value against the factory's type hint, its `Range` included; keys the config
+    leaves out keep the factory's defaults and are not checked.
+
+    Args:
+        name: A registered model's name.
+        hyperparameters: Key -> value, as the config gives them (without `model.`).
+
+    Raises:
+        ConfigError: The model is unknown, a key is not one of its hyperparameters (with the
+            nearest one), or a value does not fit its type or range.
+    """
     entry = get_model_entry(name)
     accepted = entry.hyperparameters()
     hints = typing.get_type_hints(entry.factory, include_extras=True)
@@ -185,7 +260,22 @@ def check_hyperparameters(name: str, hyperparameters: dict[str, Any]) -> None:
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
                 **hyperparameters: Any) -> nn.Module:
-    """Build registered model `name` for inputs of `input_shape` and `num_classes` outputs."""
+    """Build registered model `name` for inputs of `input_shape` and `num_classes` outputs.
+
+    Args:
+        name: A registered model's name.
+        input_shape: The shape of one input, (C, H, W).
+        num_classes: The number of classes, the model's outputs.
+        **hyperparameters: The factory's other keyword arguments; checked first
+            (`check_hyperparameters`), the rest keep their defaults.
+
+    Returns:
+        The model the factory builds, in training mode, on the CPU.
+
+    Raises:
+        ConfigError: The model is unknown or a hyperparameter is unknown, of the wrong type
+            or out of range (or the factory refuses a combination of them).
+    """
     check_hyperparameters(name, hyperparameters)
     factory = get_model_entry(name).factory
     return factory(input_shape=tuple(input_shape), num_classes=num_classes, **hyperparameters)
@@ -195,7 +285,14 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     """The numbers a model holds, by what changes them: `trainable`, the parameters the
     optimiser trains; `local`, the weights of local-rule layers, which their rules train;
     `other`, the rest (frozen parameters, fixed feedback matrices, batch-norm statistics, the
-    win counters of competing units)."""
+    win counters of competing units).
+
+    Args:
+        model: Any module.
+
+    Returns:
+        `{"trainable": n, "local": n, "other": n}`, counts of numbers (not of tensors).
+    """
     local_weights = {id(m.weight) for m in model.modules() if isinstance(m, LocalLayer)}
     counts = {"trainable": 0, "local": 0, "other": 0}
     for tensor in [*model.parameters(), *model.buffers()]:

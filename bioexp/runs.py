@@ -41,6 +41,22 @@ FINISHED = ("completed", "diverged")
 
 @dataclass
 class TrainedRun:
+    """A finished run read back from its folder: what `bioexp.run` and `bioexp.load_run`
+    return, and what `bioexp eval` evaluates.
+
+    Attributes:
+        path: The run folder.
+        cfg: The config the run was trained with, as its checkpoint holds it (`cfg.model.name`,
+            `cfg.data.name`, `cfg.schedule`, ...).
+        model: The trained model, rebuilt from `cfg` with the checkpoint's weights, in eval
+            mode on the device asked for: `model(images)` gives a score per class (B, classes),
+            logits for most families, and `model.predict` of those scores the classes.
+        data: The run's dataset on that device (`data.train`, `data.test`, `data.val`), with
+            the same subsets, split and pixel scale as in training.
+        summary: The run's summary.json (`status`, `test_acc`, `best_test_acc`, timings, ...);
+            {} when the run wrote none.
+    """
+
     path: Path
     cfg: DictConfig
     model: nn.Module
@@ -49,6 +65,8 @@ class TrainedRun:
 
     @property
     def name(self) -> str:
+        """The model's name and the folder's, for logs and legends:
+        `krotov_fc (14-03-12_krotov_fc_mnist)`."""
         return f"{self.cfg.model.name} ({self.path.name})"
 
     @property
@@ -83,7 +101,24 @@ def read_weights(path: Path) -> dict[str, Any]:
 
 
 def load_run(folder: Path, device: torch.device, test_limit: int | None = None) -> TrainedRun:
-    """The trained model of a run folder (its last checkpoint), with the run's test data."""
+    """The trained model of a run folder (its last checkpoint), with the run's test data.
+
+    `bioexp.load_run` is this with a device name; `bioexp eval` passes `test_limit`.
+
+    Args:
+        folder: The run folder.
+        device: Where the model and the data go.
+        test_limit: Evaluate on this many test images (a seeded subset) instead of the run's
+            own `data.test_limit`; None keeps the run's.
+
+    Returns:
+        The run, its model in eval mode on `device`.
+
+    Raises:
+        ConfigError: `folder` is not a folder, holds no bioexp checkpoint, or its weights do
+            not fit the model its config names.
+        DataError: The run's dataset cannot be found or read.
+    """
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder")
     checkpoint = read_weights(folder / CHECKPOINT)

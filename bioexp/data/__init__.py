@@ -26,7 +26,14 @@ DATASETS = (*SOURCES, "synthetic")
 
 @dataclass
 class Split:
-    """Images (N, C, H, W) as floats and labels (N,) as int64, both on one device."""
+    """Images (N, C, H, W) as floats and labels (N,) as int64, both on one device.
+
+    Attributes:
+        x: The images, float32, scaled as the model's `input_scale` says (or, inside the
+            engine's phase 2 on a frozen body, that body's features).
+        y: The labels, int64 class indices; -1 where a label is withheld
+            (`Dataset.label_free`).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -38,7 +45,16 @@ class Split:
                 skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) batches; shuffled by `generator` when given, in order otherwise. `skip` leaves
         out the first batches of the same order (a resumed epoch); the generator advances the
-        same either way."""
+        same either way.
+
+        Args:
+            batch_size: Images per batch; the last batch may be smaller.
+            generator: Draws the order (one permutation per call). None: in order.
+            skip: How many batches of that order to leave out at the start.
+
+        Yields:
+            (x, y) pairs of tensors on the split's device.
+        """
         n = len(self)
         first = skip * batch_size
         if generator is None:
@@ -53,7 +69,19 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A dataset ready for training: splits on the device and what the model needs to know."""
+    """A dataset ready for training: splits on the device and what the model needs to know.
+
+    Attributes:
+        name: The dataset's name (`fashion_mnist`, `synthetic`, ...).
+        train: The training split (with `data.labels_per_class`, the labelled few).
+        test: The test split.
+        val: The validation split held out of the training images (`data.val_size`), or None.
+        num_classes: The number of classes.
+        class_names: The classes' names, in label order; empty for synthetic data.
+        origin: Where the arrays came from: a folder, or `generated (seed N)`.
+        label_free: With `data.labels_per_class`: every training image, its label withheld
+            as -1, which phase 1 learns from; None otherwise.
+    """
 
     name: str
     train: Split
@@ -69,6 +97,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """The shape of one image, (C, H, W): what `build_model` takes as `input_shape`."""
         return tuple(self.train.x.shape[1:])
 
     @property
@@ -172,6 +201,19 @@ def load_dataset(cfg: DictConfig, scale: str, device: torch.device | str = "cpu"
     training split, and every non-validation training image, its label withheld, is what
     phase 1 learns from (`Dataset.unsupervised`). All four use `cfg.seed`, not the run's seed,
     so runs that differ only in their seed see the same images.
+
+    Args:
+        cfg: The `data` node of a run's config (`name`, `root`, `download`, the limits, ...).
+        scale: The pixel scale: `unit` ([0, 1]) or `symmetric` ([-1, 1]); a model's
+            `input_scale`.
+        device: Where the splits go.
+
+    Returns:
+        The dataset, its splits on `device`.
+
+    Raises:
+        DataError: The dataset is unknown, cannot be found or downloaded, or the limits ask
+            for more images than there are.
     """
     (train_x, train_y, test_x, test_y), origin = load_arrays(cfg)
 

@@ -44,7 +44,18 @@ def random_matrix(shape: Sequence[int], init: str) -> torch.Tensor:
 
 
 class FeedbackLayer(nn.Module):
-    """Base of every layer whose backward pass departs from backprop; `exact` restores it."""
+    """Base of every layer whose backward pass departs from backprop; `exact` restores it.
+
+    The engine measures the alignment angle (`bioexp.alignment`) of every model that holds a
+    FeedbackLayer: before phase 2's first step and after each of its epochs, it compares the
+    gradient of each trainable Linear and Conv2d weight with the one exact backprop gives,
+    which it gets by setting `exact` on every FeedbackLayer (`exact_backprop`). A subclass's
+    forward pass must then backpropagate exactly; the forward values never change.
+
+    Attributes:
+        exact: While True, the layer backpropagates as plain backprop would (False by
+            default; `exact_backprop` sets it for a while).
+    """
 
     exact: bool = False
 
@@ -196,7 +207,11 @@ class DFAOutput(FeedbackLayer):
 
 @contextmanager
 def exact_backprop(model: nn.Module) -> Iterator[None]:
-    """Within the block, every feedback layer of `model` backpropagates exactly."""
+    """Within the block, every feedback layer of `model` backpropagates exactly.
+
+    Args:
+        model: A model; its `FeedbackLayer`s get `exact = True` until the block ends.
+    """
     layers = [m for m in model.modules() if isinstance(m, FeedbackLayer)]
     for layer in layers:
         layer.exact = True

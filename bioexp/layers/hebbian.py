@@ -42,14 +42,20 @@ class HebbianLinear(LocalLayer):
 
     @torch.no_grad()
     def gaussian_init_(self) -> None:
+        """Standard Gaussian weights, each unit's column rescaled to unit norm with `normalize`
+        (where the rule keeps it)."""
         self.weight.normal_()
         if self.normalize:
             normalize_columns_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """activation(x W) (B, H) for inputs `x` (B, D)."""
         return self.activation(x @ self.weight)  # (B, D) @ (D, H) -> (B, H)
 
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        """Add the rule's step for input `x` and output `y` at rate `lr`, then, with
+        `normalize`, rescale every unit's column to unit norm; the rule's state is kept in
+        buffers."""
         state = {key: getattr(self, f"rule_{key}") for key in self._state_keys}
         if self.rule.applies_rate:
             step, state = self.rule(x, y, self.weight, state, lr=lr)
@@ -63,10 +69,12 @@ class HebbianLinear(LocalLayer):
             setattr(self, f"rule_{key}", value)  # rebinds the buffer; no copy
 
     def local_stats(self) -> dict[str, float]:
+        """`weight_norm_mean` and `weight_norm_max` of the units' columns."""
         norms = self.weight.norm(dim=0)
         return {"weight_norm_mean": norms.mean().item(), "weight_norm_max": norms.max().item()}
 
     def receptive_fields(self) -> torch.Tensor:
+        """W^T (H, D): one row of input weights per unit."""
         return self.weight.T  # (H, D): one row of input weights per hidden unit
 
     def extra_repr(self) -> str:

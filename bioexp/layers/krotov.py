@@ -58,6 +58,7 @@ class KrotovLayer(LocalLayer):
         return self.weight.norm(dim=1).clamp_min(1e-12)  # (H,)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """The currents v W^T (B, H) of inputs `v` (B, D); no activation."""
         return v @ self.weight.T  # (B, D) @ (D, H) -> (B, H)
 
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float | torch.Tensor) -> None:
@@ -92,11 +93,14 @@ class KrotovLayer(LocalLayer):
         self.weight.div_(self.p_norms().clamp_min(1e-12)[:, None])
 
     def local_stats(self) -> dict[str, float]:
+        """`weight_norm_mean` (the rows' Euclidean norms), `units_never_won` and
+        `units_converged` (the share of rows whose p-norm is within CONVERGED_NORM of 1)."""
         return {"weight_norm_mean": self.weight.norm(dim=1).mean().item(),
                 "units_never_won": int((self.wins == 0).sum().item()),
                 "units_converged": converged_share(self.p_norms())}
 
     def unconverged(self) -> str | None:
+        """A sentence when fewer than half of the units reached unit p-norm, else None."""
         norms = self.p_norms()
         converged = converged_share(norms)
         if converged >= 0.5:
@@ -104,12 +108,15 @@ class KrotovLayer(LocalLayer):
         return (f"only {converged:.0%} of the Krotov layer's {len(norms)} units reached the unit "
                 f"p-norm that the rule converges to (median norm {norms.median().item():.2f}): "
                 "phase 1 was far too short, and its features are close to their random start; "
-                "give it more epochs, images or schedule.unsupervised.lr (README: Krotov budget)")
+                "give it more epochs, images or schedule.unsupervised.lr (docs/krotov.md, "
+                "Krotov budget)")
 
     def receptive_fields(self) -> torch.Tensor:
+        """W (H, D): one row of input weights per unit."""
         return self.weight
 
     def unit_usage(self) -> torch.Tensor:
+        """(H,): the samples each unit won (was the most driven unit for) while it learnt."""
         return self.wins
 
     def extra_repr(self) -> str:

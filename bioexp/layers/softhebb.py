@@ -76,6 +76,8 @@ class SoftHebbUnits(LocalLayer):
         raise NotImplementedError
 
     def local_update(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        """One SoftHebb step: dW from `rule_update` for input `x` and current `y`, each unit's
+        step scaled by `lr * lr_scale` and its norm (`step_factors`), and the win counts."""
         winners = y.argmax(dim=1, keepdim=True)  # y is the layer's output: the current u
         dw = self.rule_update(x, y, winners)
         factors = step_factors(dw, self.weight, lr * self.lr_scale, self.rate_power,
@@ -93,6 +95,8 @@ class SoftHebbUnits(LocalLayer):
             -1, *([1] * (self.weight.dim() - 1)))
 
     def local_stats(self) -> dict[str, float]:
+        """`weight_norm_mean`, `weight_norm_max` (the units' Euclidean norms),
+        `units_converged` (the share within CONVERGED_NORM of 1) and `units_never_won`."""
         norms = unit_norms(self.weight)
         return {"weight_norm_mean": norms.mean().item(), "weight_norm_max": norms.max().item(),
                 "units_converged": converged_share(norms),
@@ -113,9 +117,11 @@ class SoftHebbUnits(LocalLayer):
                 "epochs or schedule.unsupervised.lr (or model.lr_scales)")
 
     def receptive_fields(self) -> torch.Tensor:
+        """(H, inputs of one unit): each unit's weights, flattened."""
         return self.weight.flatten(1)  # (H, inputs of one unit)
 
     def unit_usage(self) -> torch.Tensor:
+        """(H,): the samples (dense) or positions (convolution) each unit won."""
         return self.wins
 
     def settings_repr(self) -> str:

@@ -56,14 +56,28 @@ from bioexp.errors import ConfigError
 from bioexp.registry import Range
 
 ActivationName = Literal["relu", "tanh", "sigmoid", "gelu", "none"]
+"""The type hint of an `activation` hyperparameter: the names `make_activation` knows."""
 ACTIVATIONS = dict(zip(get_args(ActivationName),
                        (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity), strict=True))
 # Hyperparameter types with their ranges, checked by the registry before a model is built.
 Sizes = Annotated[Sequence[int], Range(low=1)]  # widths of layers, each at least 1
+"""The type hint of a list of layer widths, each at least 1 (the list may be empty)."""
 Probability = Annotated[float, Range(0, 1, high_open=True)]  # a dropout rate
+"""The type hint of a dropout rate: a float in [0, 1)."""
 
 
 def make_activation(name: str) -> nn.Module:
+    """A new activation module by name (`none` is the identity).
+
+    Args:
+        name: One of `ActivationName`.
+
+    Returns:
+        The module: `nn.ReLU()`, `nn.Tanh()`, `nn.Sigmoid()`, `nn.GELU()` or `nn.Identity()`.
+
+    Raises:
+        ConfigError: `name` is none of them.
+    """
     if name not in ACTIVATIONS:
         raise ConfigError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]()
@@ -72,7 +86,14 @@ def make_activation(name: str) -> nn.Module:
 @dataclass(frozen=True)
 class Stage:
     """One stage of a layer-by-layer phase 1 (see the module's docstring): the engine runs
-    `forward` on the images and lets only the local-rule layers `learners` (inside it) learn."""
+    `forward` on the images and lets only the local-rule layers `learners` (inside it) learn.
+
+    Attributes:
+        forward: The body up to and including the layers this stage trains, called on a batch
+            of images under `torch.no_grad()`.
+        learners: The `LocalLayer`s inside `forward` whose rule runs in this stage; every other
+            layer keeps its weights.
+    """
 
     forward: nn.Module
     learners: tuple[nn.Module, ...]
@@ -83,7 +104,13 @@ def refit_batch_norm(module: nn.Module, batches: Iterable[torch.Tensor]) -> None
     """Set the running statistics of every BatchNorm in `module` to those of `batches`: reset
     them, run every batch through `module` with the BatchNorms in training mode and a
     cumulative average (momentum None), and leave `module` in eval mode. A deeper BatchNorm
-    sees inputs normalised by the statistics of the batch, as in training."""
+    sees inputs normalised by the statistics of the batch, as in training.
+
+    Args:
+        module: The module whose BatchNorms (those that track running statistics) are refit;
+            it does nothing when there are none.
+        batches: Input batches for `module`, each read once.
+    """
     norms = [m for m in module.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
@@ -107,7 +134,21 @@ class Classifier(nn.Module):
     """`forward(x) = head(body(x))`, with the loss and prediction that belong to the head.
 
     `stages` and `norm_statistics` set the two hooks of the module's docstring
-    (`phase1_stages`, `prepare_features`)."""
+    (`phase1_stages`, `prepare_features`).
+
+    Args:
+        head: What the optimiser trains: the body's output to logits (B, classes).
+        body: The layers that local rules train (None: the identity, as for backprop
+            baselines). The engine runs phase 1 on it, and computes its features once for
+            phase 2 when it is frozen (no parameter requires grad, no dropout).
+        stages: The stages of a layer-by-layer phase 1 (empty: every local layer at once).
+        norm_statistics: Refit the body's BatchNorm statistics to the training images before
+            its features are computed (`prepare_features`).
+
+    Attributes:
+        body: The body (`nn.Identity` when none was given).
+        head: The head.
+    """
 
     def __init__(self, head: nn.Module, body: nn.Module | None = None,
                  stages: Sequence[Stage] = (), norm_statistics: bool = False):
@@ -119,16 +160,32 @@ class Classifier(nn.Module):
         self._norm_statistics = bool(norm_statistics)
 
     def phase1_stages(self) -> tuple[Stage, ...]:
-        """The stages of a layer-by-layer phase 1; empty: every local layer learns at once."""
+        """The stages of a layer-by-layer phase 1; empty: every local layer learns at once.
+
+        Returns:
+            The `Stage`s, in the order they train.
+        """
         return self._stages
 
     def prepare_features(self, batches: Iterable[torch.Tensor]) -> None:
         """Before a frozen body's features are computed: refit its BatchNorms' statistics to
-        `batches` (the training images) when the model asks for it; else nothing."""
+        `batches` (the training images) when the model asks for it; else nothing.
+
+        Args:
+            batches: The training images (phase 1's, every one), in batches, in a fixed order.
+        """
         if self._norm_statistics:
             refit_batch_norm(self.body, batches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for a batch.
+
+        Args:
+            x: Images (B, C, H, W); inside `on_features`, the body's features instead.
+
+        Returns:
+            The head's output (B, classes): logits, unless the head says otherwise.
+        """
         return self.head(x if self._on_features else self.body(x))
 
     @contextmanager
@@ -145,7 +202,23 @@ class Classifier(nn.Module):
                    optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """One supervised batch by backprop: forward, loss, backward, one optimiser step.
         Returns the batch's mean `loss` and its number of `correct` predictions, on the device
-        (no host sync)."""
+        (no host sync).
+
+        The engine calls it once per training batch, in training mode (under bf16 autocast
+        with `precision=bf16`). A family that trains otherwise overrides it and keeps its
+        contract (the module's docstring).
+
+        Args:
+            x: The batch's inputs (images, or the frozen body's features inside
+                `on_features`).
+            y: The batch's labels (B,), int64.
+            optimizer: The phase's optimiser over every parameter that requires grad.
+
+        Returns:
+            Metrics as 0-d tensors on the device: `loss` (required: the batch mean of the
+                objective, before the update), `correct` (optional: the number of right
+                predictions), and any other name, averaged into metrics.jsonl as `train_<name>`.
+        """
         output = self(x)
         loss = self.loss(output, y)
         optimizer.zero_grad(set_to_none=True)
@@ -155,7 +228,19 @@ class Classifier(nn.Module):
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The objective `train_step` minimises on the batch (x, y), its batch mean, as the step
-        reports it as `loss`, without updating anything: here `loss(self(x), y)`."""
+        reports it as `loss`, without updating anything: here `loss(self(x), y)`.
+
+        The engine calls it once, before phase 2's first step, in eval mode under
+        `torch.no_grad()`, on a probe of 512 training images: 100 times its value (at least
+        100) is the divergence limit for every step's `loss`.
+
+        Args:
+            x: A batch of inputs, as `train_step` takes them.
+            y: Its labels (B,).
+
+        Returns:
+            A 0-d tensor: the loss, on the scale of `train_step`'s `loss`.
+        """
         return self.loss(self(x), y)
 
     def load_sources(self) -> str | None:
@@ -163,12 +248,38 @@ class Classifier(nn.Module):
         `cnn_fa`'s `model.conv_from`) and say what was loaded, in a sentence the run logs;
         ConfigError when they cannot be read. Called once, when a run starts from scratch (and
         by the checks before it), never on resume or evaluation: from its first checkpoint on,
-        the run's own checkpoint holds them. Nothing (None) by default."""
+        the run's own checkpoint holds them. Nothing (None) by default.
+
+        Returns:
+            What was loaded, in a sentence for the log; None when nothing was.
+
+        Raises:
+            ConfigError: The weights cannot be read or do not fit.
+        """
         return None
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the batch; cross-entropy on logits unless a head says otherwise."""
+        """Mean loss over the batch; cross-entropy on logits unless a head says otherwise.
+
+        The default `train_step`, the evaluation (test and validation loss) and the alignment
+        angles score the model's output with it.
+
+        Args:
+            output: The model's output for the batch (B, classes).
+            target: The labels (B,).
+
+        Returns:
+            A 0-d tensor: the batch mean.
+        """
         return F.cross_entropy(output, target)
 
     def predict(self, output: torch.Tensor) -> torch.Tensor:
+        """The predicted class of each sample: here the largest output.
+
+        Args:
+            output: The model's output for a batch (B, classes).
+
+        Returns:
+            Class indices (B,), int64; the accuracy counts where they equal the labels.
+        """
         return output.argmax(dim=1)

@@ -114,6 +114,9 @@ class FrozenConvolutions(Classifier):
             body.requires_grad_(False)
 
     def load_sources(self) -> str | None:
+        """Copy the convolutions of the `cnn` run in `model.conv_from` into the body, and say
+        so; None without `conv_from`. ConfigError when that run's checkpoint is missing or
+        does not fit."""
         if self.conv_from is None:
             return None
         count = load_frozen_convolutions(self.body, Path(self.conv_from))

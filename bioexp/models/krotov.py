@@ -76,6 +76,7 @@ class BioCellClassifier(Classifier):
         self.m = m
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`bio_loss` of the outputs (B, classes) against the labels (B,), with power `m`."""
         return bio_loss(output, target, self.m)
 
 
