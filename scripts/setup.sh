@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import bioexp, pytest, ruff, tensorboard, sqlalchemy, alembic
+if ! .venv/bin/python -c "import bioexp, pytest, ruff, tensorboard, sqlalchemy, alembic, mkdocs, mkdocstrings_handlers.python, material, nbclient, ipykernel
 import importlib.util; assert importlib.util.find_spec('mlflow')" 2>/dev/null; then
     echo "setup: installing bioexp and its dependencies into .venv (torch is a large download)"
     .venv/bin/python -m pip install -q --upgrade pip

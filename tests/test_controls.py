@@ -100,9 +100,9 @@ FAMILIES = {
     "softhebb_cnn": ("model.channels=[8,32,128]",),
 }
 # A control's features may be at most this much wider or narrower than the trained layer's. The
-# broken Gaussian Krotov control was 60,000 times narrower; SoftHebb's unit-norm Gaussian filters
-# give features 17 times narrower than this test's briefly trained layer (whose last layer is
-# still near its initial norm of 25), and about 9 times after the recipe's full epoch: its
+# broken Gaussian Krotov control was about 50,000 times narrower; SoftHebb's unit-norm Gaussian
+# filters give features 17 times narrower than this test's briefly trained layer (whose last layer
+# is still near its initial norm of 25), and about 9 times after the recipe's full epoch: its
 # linear read-out is not hurt by that (docs/controls.md).
 SPREAD_RATIO = 30.0
 
