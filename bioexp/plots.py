@@ -1,4 +1,6 @@
-"""Figures written into run folders. Matplotlib's Agg backend: no display needed."""
+"""Figures written into run folders. Each is a bare `matplotlib.figure.Figure`, saved and
+dropped: no pyplot, so no display is needed and the caller's backend (a notebook's inline
+figures) is left as it was."""
 
 from __future__ import annotations
 
@@ -7,23 +9,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 if TYPE_CHECKING:
     import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
+
+def _subplots(*grid: int, gridspec_kw: dict | None = None,
+              **figure_kw: Any) -> tuple[Figure, Any]:
+    """A new figure outside pyplot and its axes, as pyplot's `subplots(*grid, ...)` gives."""
+    fig = Figure(**figure_kw)
+    return fig, fig.subplots(*grid, gridspec_kw=gridspec_kw)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
@@ -32,7 +39,7 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     if not rows:
         return None
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("val", ":"), ("test", "--")):
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
             values = [r.get(f"{split}_{metric}") for r in rows]
@@ -64,7 +71,7 @@ def plot_alignment(rows: list[dict], path: Path, title: str = "",
                   key=lambda k: (rank.get(k.removeprefix("angle/"), len(rank)), k))
     if not keys:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     largest = 0.0
     for key in keys:
         points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
@@ -117,8 +124,8 @@ def plot_receptive_fields(weights: torch.Tensor, input_shape: Sequence[int], pat
         for c in range(channels):
             x0 = left + c * (width + 1)
             mosaic[top:top + height, x0:x0 + width] = unit[c]
-    fig, ax = plt.subplots(figsize=(min(2 + cols * 0.9 * channels, 20), 1 + rows * 0.9))
-    cmap = plt.get_cmap("bwr").with_extremes(bad="lightgrey")  # grey between tiles
+    fig, ax = _subplots(figsize=(min(2 + cols * 0.9 * channels, 20), 1 + rows * 0.9))
+    cmap = colormaps["bwr"].with_extremes(bad="lightgrey")  # grey between tiles
     image = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     fig.colorbar(image, ax=ax, fraction=0.03, label="weight / max |weight| of the unit")
@@ -140,7 +147,7 @@ def plot_win_counts(wins: torch.Tensor, path: Path, title: str = "") -> Path:
     counts = wins.detach().double().cpu().numpy()
     won = counts[counts > 0]
     heading = f"{len(counts) - len(won)} of {len(counts)} units never won"
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _subplots(figsize=(6.5, 4))
     if len(won):
         # log-spaced bins whose edges sit between whole numbers: one bin per count at the low end
         edges = np.unique(np.round(np.geomspace(1, won.max() + 1, 41))) - 0.5
@@ -197,10 +204,10 @@ def group_colors(n: int) -> list[tuple[float, float, float, float]]:
     """`n` distinct colours: tab10 up to 10; tab20 up to 20 (its ten strong colours first,
     then their light partners); beyond, evenly spaced along the continuous turbo map."""
     if n <= 10:
-        return [plt.get_cmap("tab10")(i) for i in range(n)]
+        return [colormaps["tab10"](i) for i in range(n)]
     if n <= 20:
-        return [plt.get_cmap("tab20")(i) for i in [*range(0, 20, 2), *range(1, 20, 2)][:n]]
-    return [tuple(c) for c in plt.get_cmap("turbo")(np.linspace(0.03, 0.97, n))]
+        return [colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)][:n]]
+    return [tuple(c) for c in colormaps["turbo"](np.linspace(0.03, 0.97, n))]
 
 
 MARKERS = ("o", "s", "^", "D", "v")  # with more than 10 groups, neighbours differ in marker too
@@ -220,7 +227,7 @@ def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
     many = len(groups) > 10
     bar_width = max(5.2, 1.5 + 0.4 * len(labels))
     legend_rows = math.ceil(len(groups) / 3) if many else 0  # a long legend goes below the curves
-    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(min(7.8 + bar_width, 30),
+    fig, (ax_curve, ax_bar) = _subplots(1, 2, figsize=(min(7.8 + bar_width, 30),
                                                           4.8 + 0.16 * legend_rows),
                                            gridspec_kw={"width_ratios": [7.8, bar_width]})
     _curve_panel(ax_curve, curves, colors, metric, many)
@@ -231,7 +238,7 @@ def plot_comparison(curves: dict[str, list[list[tuple[int, float]]]],
     return path
 
 
-def _curve_panel(ax: plt.Axes, curves: dict[str, list[list[tuple[int, float]]]],
+def _curve_panel(ax: Axes, curves: dict[str, list[list[tuple[int, float]]]],
                  colors: dict[str, tuple], metric: str, many: bool) -> None:
     """Each group's mean curve over its runs, shaded one standard deviation either side."""
     for i, (label, runs) in enumerate(curves.items()):
@@ -258,7 +265,7 @@ def _curve_panel(ax: plt.Axes, curves: dict[str, list[list[tuple[int, float]]]],
         ax.legend(fontsize="small")
 
 
-def _bar_panel(ax: plt.Axes, finals: dict[str, list[float]], colors: dict[str, tuple],
+def _bar_panel(ax: Axes, finals: dict[str, list[float]], colors: dict[str, tuple],
                metric: str, many: bool) -> None:
     """A bar per group: the mean final metric, its standard deviation, its run count."""
     labels = list(finals)
@@ -305,7 +312,7 @@ def zoomed_range(lows: Sequence[float], highs: Sequence[float],
 def plot_fgsm(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path,
               title: str = "") -> Path:
     """Test accuracy against the FGSM strength, one line per run."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = _subplots(figsize=(6.5, 4.5))
     for label, (eps, accuracy) in curves.items():
         ax.plot(eps, accuracy, marker="o", markersize=4, label=label)
     ax.set(xlabel="FGSM epsilon (fraction of the pixel range)", ylabel="test accuracy",
@@ -320,7 +327,7 @@ def plot_embedding(coords: torch.Tensor, labels: torch.Tensor, path: Path, title
                    explained: Sequence[float] = (), class_names: Sequence[str] = ()) -> Path:
     """Points on two principal components, coloured by class; the legend names each class by
     `class_names` (indexed by class) when given, else by its index."""
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig, ax = _subplots(figsize=(6.5, 5.5))
     points, classes = coords.numpy(), labels.numpy()
     colors = group_colors(max(int(classes.max(initial=0)) + 1, len(class_names)))
     for c in np.unique(classes):
@@ -344,7 +351,7 @@ def plot_confusion(counts: torch.Tensor, path: Path, title: str = "",
     n = len(counts)
     names = list(class_names) if len(class_names) == n else [str(i) for i in range(n)]
     long = max(map(len, names), default=0) > 2
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n + (1.0 if long else 0),
+    fig, ax = _subplots(figsize=(1.2 + 0.55 * n + (1.0 if long else 0),
                                     0.8 + 0.5 * n + (0.8 if long else 0)))
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
@@ -367,7 +374,7 @@ def plot_leaderboard(rows: Sequence[tuple[str, float, float | None, bool]], path
     accuracy with its standard deviation as an error bar and the value beside it; random-feature
     controls hatched in grey, so that each family can be read against its own."""
     rows = sorted(rows, key=lambda row: row[1])
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
+    fig, ax = _subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
     y = np.arange(len(rows))
     colors = ["0.75" if control else "tab:blue" for *_, control in rows]
     ax.barh(y, [row[1] for row in rows], xerr=[row[2] or 0.0 for row in rows], color=colors,
@@ -462,7 +469,7 @@ def plot_label_curves(curves: Curves, path: Path, title: str = "",
     colors = dict(zip(models, group_colors(len(models)), strict=True))
     keys = sorted(curves, key=lambda k: (models.index(k[0]), k[1] is not None, str(k[1])))
     step = min(0.012, 0.12 / max(len(keys), 1))  # decades between neighbouring lines
-    fig, ax = plt.subplots(figsize=(9.5, 5.2))
+    fig, ax = _subplots(figsize=(9.5, 5.2))
     lows, highs = [], []
     for i, (model, control) in enumerate(keys):
         points = sorted(curves[model, control], key=lambda p: where(p[0]))

@@ -136,6 +136,10 @@ def open_records(cfg: DictConfig, run_dir: Path, saved: dict | None,
     return recorder
 
 
+# torch's thread count when this module was imported: what `threads=null` means
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | None,
           checkpoint_head: dict[str, Any], stop: StopRequest, built: dict[str, Any]) -> None:
     """Check, load the data, build the model (into `built`), fit it with checkpoints, and
@@ -143,8 +147,10 @@ def train(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, saved: dict | N
     device = preflight(cfg, sources=False)  # loaded below, when the run starts from scratch
     for note in ignored_settings(cfg, given_keys(run_dir)):
         log.warning("%s", note)
-    if cfg.get("threads") is not None:
-        torch.set_num_threads(cfg.threads)
+    # unset: the process's own default, also after an earlier run of this process set another
+    # (bioexp.run in a notebook trains many runs in one process)
+    threads = cfg.get("threads")
+    torch.set_num_threads(DEFAULT_THREADS if threads is None else threads)
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data, cfg.model.input_scale, device)
     model = configured_model(cfg, data).to(device)

@@ -129,3 +129,15 @@ def test_a_diverged_run_raises_and_keeps_its_folder(tmp_path: Path) -> None:
         bioexp.run([*TINY, "schedule.supervised.lr=1e6"], run_dir=tmp_path / "run")
     assert caught.value.path == (tmp_path / "run").absolute()
     assert read_json(tmp_path / "run" / "summary.json")["status"] == "diverged"
+
+
+def test_threads_null_after_a_run_with_threads_gives_the_default_back(tmp_path: Path) -> None:
+    """Runs in one process (a notebook's) do not inherit each other's thread count."""
+    from bioexp.train import DEFAULT_THREADS
+
+    if DEFAULT_THREADS == 1:
+        pytest.skip("this process's default is one thread: nothing to give back")
+    one = api.run([*TINY, "model=bp_mlp", "threads=1"], run_dir=tmp_path / "one")
+    again = api.run([*TINY, "model=bp_mlp", "threads=null"], run_dir=tmp_path / "default")
+    assert one.summary["environment"]["threads"] == 1
+    assert again.summary["environment"]["threads"] == DEFAULT_THREADS

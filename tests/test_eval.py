@@ -197,10 +197,10 @@ def test_eval_errors_are_one_line(bioexp, tmp_path) -> None:
 def test_eval_figures_name_classes_and_show_the_most_used_units(tmp_path, monkeypatch) -> None:
     """A hand-made run (no training): the dataset's class names reach the confusion matrix and
     the embedding, and the receptive fields start with the unit that won most."""
-    saved: dict[str, plots.plt.Figure] = {}  # file name -> figure, kept as it is saved
+    saved: dict[str, plots.Figure] = {}  # file name -> figure, kept as it is saved
     save = plots._save
 
-    def keep(fig: plots.plt.Figure, path: Path) -> None:
+    def keep(fig: plots.Figure, path: Path) -> None:
         saved[path.name] = fig
         save(fig, path)
 
