@@ -11,7 +11,7 @@ import pytest
 import bioexp
 
 PACKAGE = Path(bioexp.__file__).parent
-MAX_FUNCTION_LINES, MAX_CLASS_LINES = 60, 150
+MAX_FUNCTION_LINES, MAX_CLASS_LINES = 60, 120
 
 
 def module_name(path: Path) -> str:
@@ -71,12 +71,25 @@ def test_the_autograd_functions_and_the_registry_stand_alone() -> None:
     assert not {d for d in edges["bioexp.registry"] if d.startswith("bioexp.models")}
 
 
+def docstring_lines(node: ast.AST) -> int:
+    """How many lines of `node` are docstrings (its own and those of what it defines)."""
+    count = 0
+    for inner in ast.walk(node):
+        body = getattr(inner, "body", None)
+        if (isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            count += body[0].end_lineno - body[0].lineno + 1
+    return count
+
+
 def test_no_function_or_class_outgrows_a_reading() -> None:
+    """Code, not documentation, is what must stay short: docstrings do not count."""
     too_long = []
     for name, tree in sources().items():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                lines = node.end_lineno - node.lineno + 1
+                lines = node.end_lineno - node.lineno + 1 - docstring_lines(node)
                 limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
                 if lines > limit:
                     too_long.append(f"{name}.{node.name}: {lines} lines (at most {limit})")
