@@ -25,6 +25,7 @@ COMMANDS = {
     "data": "find (or download) a dataset and say where it is: bioexp data fashion_mnist",
     "compare": "tabulate run folders side by side: bioexp compare outputs/multirun --by model",
     "eval": "FGSM robustness, representations and costs of trained runs: bioexp eval RUN...",
+    "explain": "attribution maps and their faithfulness (Captum): bioexp explain RUN...",
 }
 
 USAGE = "usage: bioexp [-h] [--version] {" + ",".join(COMMANDS) + "} ..."
@@ -304,6 +305,82 @@ def eval_command(args: Sequence[str]) -> None:
         _write(opts.plot, lambda path: plot_fgsm(curves, path))
 
 
+def _explain_parser() -> argparse.ArgumentParser:
+    from bioexp.attribution import METHODS, Settings
+
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="bioexp explain", description=COMMANDS["explain"])
+    parser.add_argument("runs", nargs="+", help="run folders (each needs checkpoints/last.pt)")
+    parser.add_argument("--method", default=",".join(METHODS),
+                        help="comma-separated methods: ig (Integrated Gradients), saliency "
+                             "(gradient x input), occlusion (default: all three)")
+    parser.add_argument("--images", type=int, default=64,
+                        help="test images to explain, a few per class, the same for every run "
+                             "(default 64)")
+    parser.add_argument("--target", choices=("predicted", "true"), default="predicted",
+                        help="the class each map explains (default: the predicted one)")
+    parser.add_argument("--plot", default=None,
+                        help="also draw the runs' maps over the same images, a row per run "
+                             "and method, into this image file")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--ig-steps", type=int, default=defaults.ig_steps,
+                        help=f"Integrated Gradients' path points (default {defaults.ig_steps})")
+    parser.add_argument("--window", type=int, default=defaults.window,
+                        help=f"occlusion's window in pixels (default {defaults.window})")
+    parser.add_argument("--stride", type=int, default=defaults.stride,
+                        help=f"occlusion's stride in pixels (default {defaults.stride})")
+    parser.add_argument("--deletion-steps", type=int, default=defaults.deletion_steps,
+                        help=f"steps of the deletion curve (default {defaults.deletion_steps})")
+    parser.add_argument("--infidelity-samples", type=int, default=defaults.infidelity_samples,
+                        help="perturbations per image for infidelity (default "
+                             f"{defaults.infidelity_samples})")
+    parser.add_argument("--sensitivity-samples", type=int,
+                        default=defaults.sensitivity_samples,
+                        help="perturbations per image for max-sensitivity, each a new "
+                             f"explanation (default {defaults.sensitivity_samples}; 0: skip it)")
+    return parser
+
+
+def explain_command(args: Sequence[str]) -> None:
+    from bioexp import attribution
+
+    opts = _explain_parser().parse_args(args)
+    methods = attribution.parse_methods(opts.method)
+    for option in ("images", "ig_steps", "window", "stride", "deletion_steps",
+                   "infidelity_samples"):
+        if getattr(opts, option) < 1:
+            refuse(f"--{option.replace('_', '-')} must be at least 1, "
+                   f"got {getattr(opts, option)}")
+    if opts.sensitivity_samples < 0:
+        refuse(f"--sensitivity-samples must be at least 0, got {opts.sensitivity_samples}")
+    attribution.require_captum()
+    from bioexp.checks import resolve_device
+
+    settings = attribution.Settings(
+        ig_steps=opts.ig_steps, window=opts.window, stride=opts.stride,
+        deletion_steps=opts.deletion_steps, infidelity_samples=opts.infidelity_samples,
+        sensitivity_samples=opts.sensitivity_samples)
+    subjects = attribution.load_subjects([Path(f) for f in opts.runs], resolve_device(opts.device),
+                                         opts.images, settings.seed)  # every check, then work
+    explained = [(s, attribution.explain_subject(s, methods, opts.target, settings))
+                 for s in subjects]
+    written = [attribution.write_explanation(s, e) for s, e in explained]
+    from bioexp import compare
+
+    for path, (_, explanation) in zip(written, explained, strict=True):
+        record = explanation.record
+        gradient = (f"; ig and saliency by the {record['gradient']}"
+                    if set(methods) & set(attribution.GRADIENT_METHODS) else "")
+        print(f"{path}: the maps explain {record['explains']}{gradient}; wrote "
+              "eval/attribution.json, plots/attributions.png and plots/attribution_classes.png",
+              file=sys.stderr, flush=True)
+    width = shutil.get_terminal_size((100, 24)).columns
+    table = compare.attribution_table([compare.read_run(p) for p in written])
+    print(compare.text_table(table, width), flush=True)
+    if opts.plot:
+        _write(opts.plot, lambda path: attribution.plot_runs(explained, path))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -314,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     handlers = {"train": train_command, "list": list_command, "data": data_command,
-                "compare": compare_command, "eval": eval_command}
+                "compare": compare_command, "eval": eval_command, "explain": explain_command}
     if command not in handlers:
         refuse(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     if command != "train":

@@ -45,7 +45,7 @@ UNCOMPARED_KEYS = ("seed", *RESUME_FREE_KEYS, "fgsm", "loggers", "mlflow.trackin
                    "mlflow.experiment")
 NO_SUMMARY = "no summary"  # a job folder whose run never wrote summary.json
 SKIP_DIRS = {".hydra", "checkpoints", "plots", ".submitit", "eval"}  # never hold runs
-EVAL_FILES = ("fgsm", "efficiency")  # what `bioexp eval` wrote that tables show
+EVAL_FILES = ("fgsm", "efficiency", "attribution")  # eval/*.json (bioexp eval, bioexp explain)
 # LibYAML's loader is several times faster than the pure-Python one; both give the same result.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -62,7 +62,7 @@ class Run:
         overrides: The command-line overrides Hydra recorded (`.hydra/overrides.yaml`).
         config: `.hydra/config.yaml` flattened to dotted keys (`schedule.supervised.lr`).
         evals: `eval/fgsm.json` and `eval/efficiency.json`, by name, when `bioexp eval` wrote
-            them.
+            them, and `eval/attribution.json` when `bioexp explain` did.
     """
 
     path: Path
@@ -93,6 +93,12 @@ class Run:
         """Forward MFLOP per sample (`eval/efficiency.json`), None when not measured."""
         flops = (self.evals.get("efficiency") or {}).get("flops_per_sample")
         return flops / 1e6 if isinstance(flops, (int, float)) else None
+
+    def deletion_auc(self) -> float | None:
+        """The area under the deletion curve of the headline attribution method (Integrated
+        Gradients when it was measured; `eval/attribution.json`), None when not measured."""
+        area = (self.evals.get("attribution") or {}).get("deletion_auc")
+        return float(area) if isinstance(area, (int, float)) else None
 
     @property
     def status(self) -> str:
@@ -303,6 +309,8 @@ def _cost_columns(runs: list[Run]) -> list[tuple[str, Any]]:
         columns.append(("fgsm@0.1", lambda r: r.fgsm(0.1)))
     if any(r.mflops() is not None for r in runs):
         columns.append(("MFLOP", lambda r: r.mflops()))
+    if any(r.deletion_auc() is not None for r in runs):
+        columns.append(("deletion_auc", lambda r: r.deletion_auc()))
     return columns
 
 
@@ -352,7 +360,8 @@ def efficiency_table(runs: list[Run], eps: list[float]) -> Table:
         The table.
     """
     shown = [e for e in (0.0, 0.1) if e in eps] or eps[:2]
-    costs = [c for c in _cost_columns(runs) if not c[0].startswith("fgsm") and c[0] != "params"]
+    costs = [c for c in _cost_columns(runs)
+             if not c[0].startswith("fgsm") and c[0] not in ("params", "deletion_auc")]
     kinds = ("trainable", "local", "other")
     header = ["run", "model", *(f"acc@{e:g}" for e in shown), *kinds,
               *(name for name, _ in costs)]
@@ -361,6 +370,30 @@ def efficiency_table(runs: list[Run], eps: list[float]) -> Table:
         params = (run.evals.get("efficiency") or {}).get("parameters") or {}
         rows.append([name, run.value("model"), *(run.fgsm(e) for e in shown),
                      *(params.get(kind) for kind in kinds), *(get(run) for _, get in costs)])
+    return Table(header, rows)
+
+
+def attribution_table(runs: list[Run]) -> Table:
+    """What `bioexp explain` measured, one row per run and method: the deletion curve's area
+    (target probability) beside the random order's, the accuracy curve's area, infidelity,
+    max-sensitivity and the method's seconds (attribution and measures).
+
+    Args:
+        runs: The runs, as `read_run` reads them after `bioexp explain` (their `evals`).
+
+    Returns:
+        The table.
+    """
+    header = ["run", "model", "method", "deletion_auc", "random_auc", "deletion_acc_auc",
+              "infidelity", "sensitivity", "time s"]
+    rows = []
+    for name, run in zip(run_names(runs), runs, strict=True):
+        record = run.evals.get("attribution") or {}
+        for method, m in (record.get("methods") or {}).items():
+            rows.append([name, run.value("model"), method, m.get("deletion_auc"),
+                         record.get("random_auc"), (m.get("deletion") or {}).get("auc_accuracy"),
+                         m.get("infidelity"), m.get("sensitivity_max"),
+                         sum((m.get("seconds") or {}).values())])
     return Table(header, rows)
 
 
@@ -575,7 +608,7 @@ def _cell(value: Any, column: str) -> str:
         return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
     if column.endswith("MB"):
         return f"{value:.0f}"
-    if column == "MFLOP":
+    if column in ("MFLOP", "infidelity", "sensitivity"):
         return f"{value:.3g}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 

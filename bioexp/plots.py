@@ -20,15 +20,17 @@ if TYPE_CHECKING:
     import torch
 
 
-def _subplots(*grid: int, gridspec_kw: dict | None = None,
+def _subplots(*grid: int, gridspec_kw: dict | None = None, squeeze: bool = True,
               **figure_kw: Any) -> tuple[Figure, Any]:
     """A new figure outside pyplot and its axes, as pyplot's `subplots(*grid, ...)` gives."""
     fig = Figure(**figure_kw)
-    return fig, fig.subplots(*grid, gridspec_kw=gridspec_kw)
+    return fig, fig.subplots(*grid, gridspec_kw=gridspec_kw, squeeze=squeeze)
 
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
+def _save(fig: Figure, path: Path, top: float = 0.0) -> None:
+    """Lay out and write the figure; `top` inches are kept free above the axes (a suptitle of
+    several lines, which tight_layout does not make room for)."""
+    fig.tight_layout(rect=(0, 0, 1, 1 - top / fig.get_figheight()) if top else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
 
@@ -504,4 +506,116 @@ def plot_label_curves(curves: Curves, path: Path, title: str = "",
                 xycoords="axes fraction", xytext=(0, -38), textcoords="offset points",
                 fontsize=7, color="0.4", va="top")
     _save(fig, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Attribution maps (`bioexp explain`)
+
+ATTRIBUTION_CMAP = "RdBu_r"  # diverging: red for evidence for the target, blue against, white 0
+
+
+def _class_name(c: int, class_names: Sequence[str]) -> str:
+    return class_names[c] if 0 <= c < len(class_names) else str(c)
+
+
+def _show_image(ax: Axes, image: torch.Tensor) -> None:
+    """One image (C, H, W): grey for one channel, colour for three, stretched to its range."""
+    pixels = image.float().numpy()
+    pixels = (pixels - pixels.min()) / max(float(pixels.max() - pixels.min()), 1e-12)
+    ax.imshow(pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0), cmap="gray",
+              vmin=0, vmax=1)
+    ax.set_axis_off()
+
+
+def _show_map(ax: Axes, heat: torch.Tensor) -> Any:
+    """One map (H, W) on the diverging colour map, centred at 0, scaled to its own largest
+    magnitude (maps of different methods and models differ in scale)."""
+    values = heat.float().numpy()
+    limit = max(float(np.abs(values).max()), 1e-12)
+    ax.set_axis_off()
+    return ax.imshow(values, cmap=ATTRIBUTION_CMAP, vmin=-limit, vmax=limit)
+
+
+def plot_attributions(images: torch.Tensor, maps: dict[str, torch.Tensor],
+                      predicted: torch.Tensor, labels: torch.Tensor, path: Path,
+                      title: str = "", class_names: Sequence[str] = (),
+                      per_row: int = 4) -> Path:
+    """Each image (N, C, H, W) with each method's map (N, H, W) beside it, `per_row` images
+    to a row of the figure; each image is titled with its predicted and true class."""
+    n, cols = len(images), 1 + len(maps)
+    per_row = max(1, min(per_row, n))
+    rows = math.ceil(n / per_row)
+    fig, axes = _subplots(rows, per_row * cols, squeeze=False,
+                          figsize=(per_row * cols * 1.05, 0.6 + rows * 1.25))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i in range(n):
+        row, first = divmod(i, per_row)
+        block = axes[row, first * cols:(first + 1) * cols]
+        _show_image(block[0], images[i])
+        p, t = int(predicted[i]), int(labels[i])
+        block[0].set_title(f"{_class_name(p, class_names)}\n(true {_class_name(t, class_names)})",
+                           fontsize=6, color="black" if p == t else "red")
+        for ax, (method, heat) in zip(block[1:], maps.items(), strict=True):
+            _show_map(ax, heat[i])
+            if row == 0:
+                ax.set_title(method, fontsize=7)
+    fig.suptitle((f"{title}\n" if title else "") + "attribution: red for the target class, "
+                 "blue against (each map on its own scale); red titles: misclassified",
+                 fontsize=8)
+    _save(fig, path, top=0.45)
+    return path
+
+
+def plot_attribution_classes(maps: dict[str, torch.Tensor], labels: torch.Tensor, path: Path,
+                             title: str = "", class_names: Sequence[str] = ()) -> Path:
+    """The mean map of each true class, a row per method, each row on one colour scale."""
+    classes = sorted(set(labels.tolist()))
+    fig, axes = _subplots(len(maps), len(classes), squeeze=False,
+                          figsize=(0.6 + 1.1 * len(classes), 0.6 + 1.25 * len(maps)))
+    for r, (method, heat) in enumerate(maps.items()):
+        means = [heat[labels == c].float().mean(dim=0) for c in classes]
+        limit = max(max(float(m.abs().max()) for m in means), 1e-12)
+        for ax, c, mean in zip(axes[r], classes, means, strict=True):
+            ax.imshow(mean.numpy(), cmap=ATTRIBUTION_CMAP, vmin=-limit, vmax=limit)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(_class_name(c, class_names), fontsize=7)
+        axes[r, 0].set_ylabel(method, fontsize=8)
+    fig.suptitle((f"{title}\n" if title else "") + "mean attribution per true class",
+                 fontsize=8)
+    _save(fig, path, top=0.35)
+    return path
+
+
+def plot_attribution_runs(runs: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                torch.Tensor]],
+                          images: torch.Tensor, labels: torch.Tensor, path: Path,
+                          class_names: Sequence[str] = (), shown: int = 10) -> Path:
+    """Several runs over the same images: the first `shown` images on top, then a row per run
+    and method (`runs` maps a run's name to its (images, maps, predicted); the images are the
+    runs' own, the same ones where the runs share a test set)."""
+    n = min(shown, len(images))
+    rows = [(name, method, heat, predicted) for name, (_, maps, predicted) in runs.items()
+            for method, heat in maps.items()]
+    fig, axes = _subplots(1 + len(rows), n, squeeze=False,
+                          figsize=(2.6 + 1.05 * n, 0.5 + 1.15 * (1 + len(rows))))
+    for j in range(n):
+        _show_image(axes[0, j], images[j])
+        axes[0, j].set_title(_class_name(int(labels[j]), class_names), fontsize=7)
+    axes[0, 0].text(-0.15, 0.5, "image (true class)", transform=axes[0, 0].transAxes,
+                    ha="right", va="center", fontsize=7)
+    for r, (name, method, heat, predicted) in enumerate(rows, start=1):
+        for j in range(n):
+            _show_map(axes[r, j], heat[j])
+            if int(predicted[j]) != int(labels[j]):
+                axes[r, j].set_title(f"says {_class_name(int(predicted[j]), class_names)}",
+                                     fontsize=6, color="red")
+        axes[r, 0].text(-0.15, 0.5, f"{name}\n{method}", transform=axes[r, 0].transAxes,
+                        ha="right", va="center", fontsize=7)
+    fig.suptitle("attribution maps, a row per run and method (red: for the target class, "
+                 "blue: against; red titles: misclassified)", fontsize=8)
+    _save(fig, path, top=0.25)
     return path
