@@ -237,6 +237,25 @@ def compare_command(args: Sequence[str]) -> None:
         _write(opts.plot, lambda path: _plot_comparison(runs, by, metric, path))
 
 
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def _check_figure_file(name: str | None) -> None:
+    """Before any work: a `--plot FILE` that could not be written is one line now, not an error
+    after every run folder has been written."""
+    if name is None:
+        return
+    from bioexp.folders import unwritable
+
+    path = Path(name)
+    if path.suffix.lower().lstrip(".") not in FIGURE_FORMATS:
+        refuse(f"--plot {name}: the file name must end in one of "
+               f"{', '.join('.' + f for f in FIGURE_FORMATS)}")
+    why = unwritable(path.parent)
+    if why:
+        refuse(f"cannot write {name}: {why}")
+
+
 def _write(name: str, write: Callable[[Path], object]) -> None:
     """Write an output file through `write`, or fail with one line that names it."""
     path = Path(name)
@@ -287,6 +306,7 @@ def eval_command(args: Sequence[str]) -> None:
         refuse(f"--eps values must lie in [0, 1] (fractions of the pixel range), got {opts.eps}")
     if opts.test_limit is not None and opts.test_limit < 1:
         refuse(f"--test-limit must be at least 1, got {opts.test_limit}")
+    _check_figure_file(opts.plot)
     from bioexp.checks import resolve_device
 
     device = resolve_device(opts.device)
@@ -353,6 +373,7 @@ def explain_command(args: Sequence[str]) -> None:
                    f"got {getattr(opts, option)}")
     if opts.sensitivity_samples < 0:
         refuse(f"--sensitivity-samples must be at least 0, got {opts.sensitivity_samples}")
+    _check_figure_file(opts.plot)
     attribution.require_captum()
     from bioexp.checks import resolve_device
 

@@ -147,16 +147,19 @@ def _written(folder: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["method", "checkpoint", "images"])
+@pytest.mark.parametrize("case", ["method", "checkpoint", "images", "plot", "plot_folder"])
 def test_mistakes_are_one_line_and_leave_no_files(case: str, bp_run: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     args = {"method": [str(bp_run), "--method", "ig,gradcam"],
             "checkpoint": [str(bp_run), str(empty)],  # the good run first: checked, not written
-            "images": [str(bp_run), "--images", "129"]}[case]
+            "images": [str(bp_run), "--images", "129"],
+            "plot": [str(bp_run), "--plot", str(tmp_path / "maps.txt")],
+            "plot_folder": [str(bp_run), "--plot", "/proc/bioexp/maps.png"]}[case]
     needle = {"method": "unknown method 'gradcam'", "checkpoint": "has no checkpoint",
-              "images": "more than the 128 test images"}[case]
+              "images": "more than the 128 test images", "plot": "must end in one of",
+              "plot_folder": "cannot write /proc/bioexp/maps.png"}[case]
     code, err = _explain_here(capsys, *args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0
