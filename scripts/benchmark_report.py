@@ -250,7 +250,11 @@ def main() -> None:
         f"test accuracy on {test_images(runs)}, mean and standard deviation over the seeds "
         "(`n`); `vs control`: the mean minus that of the family's stronger random-feature "
         f"control{same_budget}; `fgsm@0.1`: test accuracy under FGSM at eps 0.1; `time s`: wall "
-        "time of one run; `params`: parameters the optimiser trains.",
+        "time of one run; `params`: parameters the optimiser trains."
+        + (" `deletion_auc`: how faithful the model's Integrated Gradients maps are, the area "
+           "under the target's probability as the most attributed pixels are removed (lower is "
+           "more faithful; `bioexp explain`, 64 test images)."
+           if "deletion_auc" in table.header else ""),
         "",
         markdown_table(table),
         "",

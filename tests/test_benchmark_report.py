@@ -155,3 +155,18 @@ def test_a_single_seed_gets_no_verdict(tmp_path):
                                            ("krotov_fc", "gaussian_features"): [0.87]})
     assert ("`krotov_fc` against its stronger control, `gaussian_features`: +1.00 points of "
             "mean test accuracy, from one seed: no verdict") in report(tmp_path)
+
+
+def test_runs_explained_by_bioexp_explain_get_a_faithfulness_column(tmp_path: Path) -> None:
+    scores = {key: value for key, value in BUDGET_SCORES.items() if key[2] == 10}
+    write_budget_runs(tmp_path / "runs", scores)
+    assert "deletion_auc" not in report(tmp_path)
+    for i, folder in enumerate(sorted((tmp_path / "runs").iterdir())):
+        (folder / "eval").mkdir()
+        (folder / "eval" / "attribution.json").write_text(json.dumps(
+            {"deletion_auc": 0.1 + i / 100, "methods": {}}))
+    page = report(tmp_path)
+    rows = table_rows(page)
+    column = rows[0].index("deletion_auc")
+    assert all(row[column] for row in rows[1:]), rows
+    assert "`deletion_auc`: how faithful" in page
