@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from bioexp.errors import ConfigError
-from bioexp.layers.feedback import FeedbackLayer, exact_backprop
+from bioexp.layers.feedback import exact_backprop, exact_gradient_note
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,6 @@ def explained_output(model: nn.Module) -> str:
     if any(isinstance(m, BioCell) for m in model.modules()):
         return "the BioCell head's class output c = tanh(beta S h) of the target class"
     return "the logit of the target class"
-
-
-def gradient_note(model: nn.Module) -> str:
-    if any(isinstance(m, FeedbackLayer) for m in model.modules()):
-        return ("exact input gradient (feedback layers switched to exact backprop for the "
-                "gradient methods)")
-    return "exact input gradient"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +285,14 @@ class Explanation:
     record: dict[str, Any] = field(default_factory=dict)
 
 
+@contextmanager
+def timing(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Record the block's wall time in seconds (to the millisecond) as `seconds[key]`."""
+    start = time.perf_counter()
+    yield
+    seconds[key] = round(time.perf_counter() - start, 3)
+
+
 def explain_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: list[str],
                   baseline: float, pixel_range: float, target_kind: str = "predicted",
                   settings: Settings = Settings()) -> Explanation:
@@ -322,25 +324,21 @@ def explain_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: l
     measured: dict[str, Any] = {}
     for method in methods:
         explain = explainer(method, model, baseline, settings)
-        start = time.perf_counter()
-        attributions = explain(x, target)
-        seconds = {"attribution": time.perf_counter() - start}
-        start = time.perf_counter()
+        seconds: dict[str, float] = {}
+        with timing(seconds, "attribution"):
+            attributions = explain(x, target)
         scores = pixel_scores(attributions)
-        curve = deletion_curve(model, x, target, y, deletion_order(scores, shuffle), baseline,
-                               settings.deletion_steps, settings.batch_size)
-        seconds["deletion"] = time.perf_counter() - start
-        start = time.perf_counter()
-        infid = infidelity_of(model, x, target, attributions, settings.infidelity_std
-                              * pixel_range, settings.infidelity_samples, settings.seed,
-                              settings.batch_size)
-        seconds["infidelity"] = time.perf_counter() - start
-        start = time.perf_counter()
-        sens = (sensitivity_of(explain, x, target, settings.sensitivity_radius * pixel_range,
-                               settings.sensitivity_samples, settings.seed)
-                if settings.sensitivity_samples > 0 else None)
-        seconds["sensitivity"] = time.perf_counter() - start
-        seconds = {k: round(v, 3) for k, v in seconds.items()}
+        with timing(seconds, "deletion"):
+            curve = deletion_curve(model, x, target, y, deletion_order(scores, shuffle),
+                                   baseline, settings.deletion_steps, settings.batch_size)
+        with timing(seconds, "infidelity"):
+            infid = infidelity_of(model, x, target, attributions, settings.infidelity_std
+                                  * pixel_range, settings.infidelity_samples, settings.seed,
+                                  settings.batch_size)
+        with timing(seconds, "sensitivity"):
+            sens = (sensitivity_of(explain, x, target, settings.sensitivity_radius * pixel_range,
+                                   settings.sensitivity_samples, settings.seed)
+                    if settings.sensitivity_samples > 0 else None)
         log.info("%s: deletion area %.4f (random %.4f), infidelity %.3g, max-sensitivity %s; "
                  "%.1f s", method, curve["auc"], random["auc"], infid,
                  "-" if sens is None else f"{sens:.3g}", sum(seconds.values()))
@@ -352,7 +350,7 @@ def explain_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: l
     result.record = {
         "n_images": n, "target": target_kind, "baseline": baseline,
         "explains": explained_output(model),
-        "gradient": gradient_note(model),
+        "gradient": exact_gradient_note(model, "the gradient methods"),
         "accuracy": (predicted == y).float().mean().item(),
         "headline": headline, "deletion_auc": measured[headline]["deletion_auc"],
         "random_auc": random["auc"],

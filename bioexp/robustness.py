@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bioexp.data import Split
-from bioexp.layers.feedback import FeedbackLayer, exact_backprop
+from bioexp.layers.feedback import exact_backprop, exact_gradient_note
 from bioexp.records import write_json
 
 PIXEL_RANGE = {"unit": (0.0, 1.0), "symmetric": (-1.0, 1.0)}  # model.input_scale -> bounds
@@ -50,20 +50,13 @@ def fgsm_accuracy(model: nn.Module, split: Split, eps_list: list[float],
     return [c / len(split) for c in correct.tolist()]
 
 
-def attack_gradient(model: nn.Module) -> str:
-    """How the attack's gradient was obtained, for the output."""
-    if any(isinstance(m, FeedbackLayer) for m in model.modules()):
-        return "exact input gradient (feedback layers switched to exact backprop for the attack)"
-    return "exact input gradient"
-
-
 def write_fgsm(model: nn.Module, test: Split, eps_list: list[float], input_scale: str,
                folder: Path, batch_size: int = 1000) -> dict[str, Any]:
     """Attack `model` on the test split at each strength and write `<folder>/eval/fgsm.json`
     (what `bioexp eval` writes, and `bioexp train fgsm=[...]` after training); returns it."""
     accuracy = fgsm_accuracy(model, test, eps_list, PIXEL_RANGE[input_scale], batch_size)
     fgsm = {"eps": eps_list, "accuracy": accuracy, "n_test": len(test),
-            "gradient": attack_gradient(model),
+            "gradient": exact_gradient_note(model, "the attack"),
             "eps_units": "fraction of the pixel range (the [0, 1] scale)"}
     write_json(folder / EVAL_DIR / "fgsm.json", fgsm)
     return fgsm

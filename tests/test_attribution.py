@@ -18,6 +18,7 @@ from bioexp.attribution import Settings, deletion_curve, deletion_order, explain
 from bioexp.cli import main
 from bioexp.compare import read_run, run_table
 from bioexp.errors import BioexpError
+from bioexp.layers.feedback import exact_gradient_note
 from bioexp.registry import build_model
 
 pytest.importorskip("captum")
@@ -104,7 +105,7 @@ def test_feedback_alignment_models_are_explained_by_the_exact_gradient() -> None
         ours = explainer(method, fa, 0.0, Settings(ig_steps=8))(x, target)
         exact = explainer(method, copy, 0.0, Settings(ig_steps=8))(x, target)
         torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-6)
-    assert "exact backprop" in attribution.gradient_note(fa)
+    assert "exact backprop" in exact_gradient_note(fa, "the gradient methods")
 
 
 @pytest.fixture(scope="module")

@@ -220,3 +220,11 @@ def exact_backprop(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.exact = False
+
+
+def exact_gradient_note(model: nn.Module, use: str) -> str:
+    """How an input gradient taken under `exact_backprop` was obtained, in words, for the
+    records of its `use` (the attack, the gradient methods)."""
+    if any(isinstance(m, FeedbackLayer) for m in model.modules()):
+        return f"exact input gradient (feedback layers switched to exact backprop for {use})"
+    return "exact input gradient"
