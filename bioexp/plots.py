@@ -325,6 +325,11 @@ def plot_fgsm(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: 
     return path
 
 
+def _class_name(c: int, class_names: Sequence[str]) -> str:
+    """Class `c` by its name in `class_names`, else by its index."""
+    return class_names[c] if 0 <= c < len(class_names) else str(c)
+
+
 def plot_embedding(coords: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "",
                    explained: Sequence[float] = (), class_names: Sequence[str] = ()) -> Path:
     """Points on two principal components, coloured by class; the legend names each class by
@@ -335,7 +340,7 @@ def plot_embedding(coords: torch.Tensor, labels: torch.Tensor, path: Path, title
     for c in np.unique(classes):
         mine = classes == c
         ax.scatter(points[mine, 0], points[mine, 1], s=4, alpha=0.6, color=colors[c],
-                   label=class_names[c] if c < len(class_names) else str(c))
+                   label=_class_name(int(c), class_names))
     axes = [f"PC{i + 1}" + (f" ({explained[i]:.0%} of variance)" if i < len(explained) else "")
             for i in range(2)]
     ax.set(xlabel=axes[0], ylabel=axes[1], title=title or "last hidden layer (PCA)")
@@ -513,10 +518,6 @@ def plot_label_curves(curves: Curves, path: Path, title: str = "",
 # Attribution maps (`bioexp explain`)
 
 ATTRIBUTION_CMAP = "RdBu_r"  # diverging: red for evidence for the target, blue against, white 0
-
-
-def _class_name(c: int, class_names: Sequence[str]) -> str:
-    return class_names[c] if 0 <= c < len(class_names) else str(c)
 
 
 def _show_image(ax: Axes, image: torch.Tensor) -> None:
