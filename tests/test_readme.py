@@ -33,6 +33,7 @@ from conftest import output_of
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MKDOCS = ROOT / "mkdocs.yml"
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")  # a Markdown link's or image's target
 SHRINK = ("data=synthetic", "data.n_train=256", "data.n_test=128",
           "schedule.unsupervised.epochs=1", "schedule.supervised.epochs=1", "progress=false",
           "device=cpu")
@@ -144,7 +145,7 @@ def test_the_readme_is_short_and_every_link_in_it_resolves() -> None:
     (into docs/, examples/) name files or folders of the checkout."""
     text = README.read_text()
     assert len(text.splitlines()) <= 200
-    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    links = LINK.findall(text)
     local = [link for link in links if "://" not in link]
     assert len(local) >= 10, local
     missing = [link for link in local if not (ROOT / link).exists()]
@@ -160,7 +161,7 @@ def test_every_image_and_file_a_page_links_to_exists() -> None:
     figure the report wrote under another name builds without a word."""
     missing = []
     for page in site_pages():
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target in LINK.findall(page.read_text()):
             if "://" not in target and not (page.parent / target).exists():
                 missing.append(f"{page.name}: {target}")
     assert not missing, f"links to files that do not exist: {missing}"
