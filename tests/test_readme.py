@@ -170,7 +170,7 @@ def test_every_image_and_file_a_page_links_to_exists() -> None:
 def test_the_documentation_site_builds_strictly(tmp_path: Path) -> None:
     """`mkdocs build --strict`: a broken link or anchor, a page missing from the nav, or a
     docstring the API reference cannot render fails the build, and so this test."""
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet",
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict",
                              "--config-file", str(MKDOCS), "--site-dir", str(tmp_path / "site")],
                             cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
