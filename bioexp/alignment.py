@@ -1,9 +1,13 @@
-"""The alignment angle: how far the update a feedback rule delivers is from backprop's.
+"""The alignment angle: how far the update a learning rule delivers is from backprop's.
 
-For each weight the rule trains, the angle in degrees between the gradient the model's own
-backward pass gives and the gradient exact backprop gives, on the same batch, in eval mode (no
-dropout noise). Lillicrap et al. 2016 show this angle falling well below 90 degrees as the
-forward weights come to align with B; 0 means the rule delivers backprop's direction.
+For each weight the rule trains, the angle in degrees between the rule's gradient and the
+gradient exact backprop gives, on the same batch, in eval mode (no dropout noise). The rule's
+gradient is the model's own backward pass for feedback layers (FA, sign, DFA, KP), and
+`model.rule_gradients(x, y)` for a family that computes its update itself (predictive coding,
+equilibrium propagation; see `bioexp.models.base`), where backprop's is the gradient of
+`loss(model(x), y)` through the same forward pass. Lillicrap et al. 2016 show the feedback
+angle falling well below 90 degrees as the forward weights come to align with B; 0 means the
+rule delivers backprop's direction.
 """
 
 from __future__ import annotations
@@ -14,11 +18,25 @@ import torch
 from torch import nn
 
 from bioexp.layers.feedback import FeedbackLayer, exact_backprop
+from bioexp.models.base import Classifier
+
+
+def own_rule(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """`model.rule_gradients(x, y)` where the model has one, else None."""
+    rule = getattr(model, "rule_gradients", None)
+    return rule(x, y) if rule is not None else None
+
+
+def has_own_rule(model: nn.Module) -> bool:
+    """Whether the model computes its update itself (overrides `Classifier.rule_gradients`)."""
+    rule = getattr(type(model), "rule_gradients", None)
+    return rule is not None and rule is not getattr(Classifier, "rule_gradients", None)
 
 
 def measured_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the trainable Linear and Conv2d layers of a model with feedback layers."""
-    if not any(isinstance(m, FeedbackLayer) for m in model.modules()):
+    """(name, module) of the trainable Linear and Conv2d layers of a model with feedback layers
+    or a rule of its own; [] for other models."""
+    if not (has_own_rule(model) or any(isinstance(m, FeedbackLayer) for m in model.modules())):
         return []
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad]
@@ -46,8 +64,12 @@ def alignment_angles(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
     was_training = model.training
     model.eval()
     try:
+        own = own_rule(model, x, y)
         with torch.enable_grad():
-            rule = torch.autograd.grad(model.loss(model(x), y), weights)
+            if own is not None:
+                rule = [own[f"{name}.weight"] for name, _ in layers]
+            else:
+                rule = torch.autograd.grad(model.loss(model(x), y), weights)
             with exact_backprop(model):
                 exact = torch.autograd.grad(model.loss(model(x), y), weights)
     finally:

@@ -46,12 +46,20 @@ def last_hidden_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
 @torch.no_grad()
 def hidden_features(model: nn.Module, layer: nn.Module, x: torch.Tensor,
                     batch_size: int = 1000) -> torch.Tensor:
-    """The input that `layer` receives for each image of `x`, flattened."""
+    """The input that `layer` receives for each image of `x`, flattened: in a model that calls
+    the layer many times a prediction (a settling loop), its input at the last call."""
     captured: list[torch.Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda m, args: captured.append(args[0].flatten(1)))
+    last: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: tuple) -> None:
+        last[:] = [args[0]]
+
+    handle = layer.register_forward_pre_hook(keep)
     try:
         for start in range(0, len(x), batch_size):
+            last.clear()
             model(x[start:start + batch_size])
+            captured.append(last[0].flatten(1))
     finally:
         handle.remove()
     return torch.cat(captured).float().cpu()

@@ -5,8 +5,11 @@
 - Local-rule models (SoftHebb, Krotov, semiHebb): one phase-1 batch, the body's forward pass
   with every local layer applying its rule, against backprop through the same body (its local
   weights made trainable) with an SGD step: what learning the same layers by gradient would cost.
-- Models with their own training step (Forward-Forward): `model.train_step` against `bp_mlp`'s
-  with the same hidden sizes, at the same batch size.
+- Models with their own training step (Forward-Forward, predictive coding, equilibrium
+  propagation): `model.train_step` against `bp_mlp`'s with the same hidden sizes, at the same
+  batch size. For the energy-based families the title gives T, the settling steps a batch pays
+  (PC: inference_steps; EP: free_steps + 2 nudged_steps), and the target: at most T + 2 times
+  the backprop step.
 
 Prints the median time per step and the ratio to the backprop step, on random inputs of the
 Fashion-MNIST shape.
@@ -28,7 +31,24 @@ from bioexp.registry import build_model
 
 SHAPE, CLASSES = (1, 28, 28), 10
 LOCAL = {"softhebb_cnn": {}, "softhebb_mlp": {}, "krotov_fc": {}, "semihebb": {}}
-OWN_STEP = {"ff_mlp": 64}  # model -> batch size of its config
+OWN_STEP = {"ff_mlp": 64, "pc_mlp": 64, "eqprop_mlp": 64}  # model -> batch size of its config
+
+
+def hidden_widths(model: nn.Module) -> list[int]:
+    """Forward-Forward's layer widths, or the hidden widths of an energy-based family's net."""
+    layers = getattr(model.body, "layers", None)
+    if layers is not None:
+        return [layer.weight.shape[0] for layer in layers]
+    return [layer.out_features for layer in model.head.layers[:-1]]
+
+
+def settling_steps(model: nn.Module) -> int | None:
+    """T: the settling steps of a batch (PC's inference steps, EP's T1 + 2 T2), else None."""
+    if hasattr(model, "inference_steps"):
+        return model.inference_steps
+    if hasattr(model, "nudged_steps"):
+        return model.head.free_steps + (2 if model.symmetric else 1) * model.nudged_steps
+    return None
 
 
 def as_backprop(body: nn.Module) -> nn.Module:
@@ -88,11 +108,13 @@ def main() -> None:
             batch = OWN_STEP[name]
             x, y = torch.rand(batch, *SHAPE, device=device), torch.randint(0, CLASSES, (batch,),
                                                                             device=device)
-            hidden = list(getattr(model.body, "layers", [])) or None
-            widths = [layer.weight.shape[0] for layer in hidden] if hidden else [1000]
+            widths = hidden_widths(model)
             reference = build_model("bp_mlp", SHAPE, CLASSES, hidden=widths).to(device)
             fns = {"backprop": train_step(reference, x, y), name: train_step(model, x, y)}
             title = f"{name}: train_step, batch {batch}, bp_mlp hidden={widths} as backprop"
+            steps = settling_steps(model)
+            if steps is not None:
+                title += f"; T = {steps} settling steps, target at most {steps + 2}x"
         else:
             x = torch.rand(opts.batch, *SHAPE, device=device)
             fns = {"backprop": backprop_step(as_backprop(model.body), x),

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.config import config_dir
 from bioexp.data.sources import SOURCES, locate
-from bioexp.records import read_json
+from bioexp.records import read_json, read_metrics
 
 # Overrides that make any model train in about a second on CPU.
 TINY = (
@@ -100,6 +102,41 @@ def train_here(*args: str) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def rows_without_time(run: Path) -> list[dict]:
+    """metrics.jsonl's rows without their timings, which differ between two identical runs."""
+    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "samples_per_s",
+                                                     "elapsed_s")}
+            for r in read_metrics(run / "metrics.jsonl")]
+
+
+def check_exact_resume(model_class: type, args: Sequence[str], tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch, stop_at: int = 6) -> None:
+    """Train `args` once whole, and once stopped (as Ctrl-C stops it) at the `stop_at`-th
+    `model_class.train_step` and resumed: the metrics, timings aside, and the final weights
+    must be identical. The default stops in the middle of the second epoch of TINY's 4
+    batches an epoch."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train_here(*args, f"hydra.run.dir={whole}") == 0
+    steps = []
+    step = model_class.train_step
+
+    def stopping_step(self, x, y, optimizer):
+        steps.append(1)
+        if len(steps) == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, x, y, optimizer)
+
+    monkeypatch.setattr(model_class, "train_step", stopping_step)
+    assert train_here(*args, f"hydra.run.dir={parts}") == 130
+    monkeypatch.setattr(model_class, "train_step", step)
+    assert read_json(parts / "summary.json")["status"] == "interrupted"
+    assert train_here(f"resume={parts}") == 0
+    assert rows_without_time(parts) == rows_without_time(whole)
+    weights = [torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
+               for run in (whole, parts)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def output_of(result: subprocess.CompletedProcess) -> str:

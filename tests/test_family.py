@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, rows_without_time
 from conftest import train_here as train
 from hydra.core.config_store import ConfigStore
 from torch import nn
@@ -93,12 +93,6 @@ def family(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     del store.repo["model"]["toy_family.yaml"]
 
 
-
-
-def rows_without_time(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "samples_per_s",
-                                                     "elapsed_s")}
-            for r in read_metrics(run / "metrics.jsonl")]
 
 
 def steps_in_checkpoint(run: Path) -> int:

@@ -5,13 +5,11 @@ resumption, and one-line errors for bad settings."""
 from __future__ import annotations
 
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, check_exact_resume
 from conftest import train_here as train
 
 from bioexp.checks import preflight
@@ -191,36 +189,11 @@ def test_the_loss_falls_on_generated_data(tmp_path: Path) -> None:
     assert read_json(run / "summary.json")["test_acc"] > 0.3  # chance: 0.1
 
 
-def rows_without_time(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "samples_per_s",
-                                                     "elapsed_s")}
-            for r in read_metrics(run / "metrics.jsonl")]
-
-
 @pytest.mark.parametrize("negatives", ["random", "hard"])
 def test_an_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             negatives: str) -> None:
-    args = [*FF_TINY, f"model.negatives={negatives}"]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert train(*args, f"hydra.run.dir={whole}") == 0
-    steps = []
-    step = ForwardForward.train_step
-
-    def stopping_step(self, x, y, optimizer):
-        steps.append(1)
-        if len(steps) == 6:  # in the middle of the second epoch (4 batches an epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, x, y, optimizer)
-
-    monkeypatch.setattr(ForwardForward, "train_step", stopping_step)
-    assert train(*args, f"hydra.run.dir={parts}") == 130
-    monkeypatch.setattr(ForwardForward, "train_step", step)
-    assert read_json(parts / "summary.json")["status"] == "interrupted"
-    assert train(f"resume={parts}") == 0
-    assert rows_without_time(parts) == rows_without_time(whole)
-    weights = [torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
-               for run in (whole, parts)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    check_exact_resume(ForwardForward, [*FF_TINY, f"model.negatives={negatives}"], tmp_path,
+                       monkeypatch)
 
 
 @pytest.mark.parametrize(("override", "key"), [

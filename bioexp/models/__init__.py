@@ -2,10 +2,12 @@
 
 from bioexp.models import (  # noqa: F401
     baselines,
+    equilibrium,
     feedback,
     forward_forward,
     hebbian,
     krotov,
+    predictive_coding,
     softhebb,
 )
 from bioexp.models.base import Classifier

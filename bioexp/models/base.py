@@ -23,6 +23,30 @@ trains otherwise (a loss per layer, its own plasticity, feedback weights that le
 `train_step`; state it keeps between steps belongs in buffers or in `get_extra_state`, so that
 it is checkpointed and resumed with the weights.
 
+A family whose rule is not the gradient of a loss through the network (predictive coding,
+equilibrium propagation) still trains through the optimiser: its `train_step` writes the rule's
+update, as minus a gradient, into each parameter's `.grad` and calls `optimizer.step()` (more
+than once a batch if the rule updates during an inner loop). The phase's optimiser, rate
+schedule, gradient clipping and checkpoints then serve it as they serve backprop, and the
+parameters it trains count as trainable (a model with none has its supervised phase skipped).
+What such a family must keep in mind:
+
+- evaluation, feature precomputation and the divergence probe run under `torch.no_grad()`:
+  `forward` (the prediction, a settling loop included) must not need autograd. Write an inner
+  loop's dynamics out rather than taking them from `torch.autograd.grad`.
+- `train_step` gets the batch and the optimiser only: anything that must change from step to
+  step (a counter, an annealed constant) is state of the model, checkpointed with it.
+- the `loss` it reports is measured on `model.loss`'s scale (the divergence limit is 100 times
+  the untrained model's `training_loss`); an energy at equilibrium is not, a loss of the
+  prediction is.
+- forward hooks fire on every call: a local-rule layer (`LocalLayer`) in one phase would apply
+  its rule at every step of an inner loop, so inner loops use plain `nn.Linear` layers; the
+  representation `bioexp eval` pictures is the input of the last layer at its last call.
+- `rule_gradients(x, y)`: the update direction its rule would take on a batch, as a gradient per
+  parameter name, without updating; the engine logs its angle to backprop's gradient of
+  `loss(model(x), y)` every epoch (`bioexp.alignment`), as it does for feedback layers. None
+  (the default) for families whose update is their own backward pass.
+
 Two hooks shape what the engine does around the supervised phase; their defaults change nothing:
 
 - `phase1_stages()`: how phase 1 trains the body's local-rule layers. Empty (the default): all
@@ -64,6 +88,27 @@ Sizes = Annotated[Sequence[int], Range(low=1)]  # widths of layers, each at leas
 """The type hint of a list of layer widths, each at least 1 (the list may be empty)."""
 Probability = Annotated[float, Range(0, 1, high_open=True)]  # a dropout rate
 """The type hint of a dropout rate: a float in [0, 1)."""
+
+
+def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1/2 |output - one-hot(target)|^2 summed over classes, batch mean: the loss of the
+    energy-based families, whose outputs are states rather than logits.
+
+    Args:
+        output: The model's output for the batch (B, classes).
+        target: The labels (B,).
+
+    Returns:
+        A 0-d tensor: the batch mean.
+    """
+    onehot = one_hot(target, output.shape[1], output.dtype)
+    return 0.5 * (output - onehot).square().sum(dim=1).mean()
+
+
+def one_hot(labels: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32
+            ) -> torch.Tensor:
+    """The labels (B,) as one-hot rows (B, classes) of `dtype`."""
+    return F.one_hot(labels, classes).to(dtype)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -242,6 +287,35 @@ class Classifier(nn.Module):
             A 0-d tensor: the loss, on the scale of `train_step`'s `loss`.
         """
         return self.loss(self(x), y)
+
+    def rule_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The update the family's rule would make on the batch (x, y), as minus a gradient,
+        per parameter name, without updating anything; None (here) when the update is the
+        model's own backward pass of `loss`. The engine measures its angle to backprop's
+        gradient (`bioexp.alignment`).
+
+        Args:
+            x: A batch of inputs, as `train_step` takes them.
+            y: Its labels (B,).
+
+        Returns:
+            {parameter name: gradient} for the parameters the rule trains, or None.
+        """
+        return None
+
+    def apply_gradients(self, grads: Sequence[torch.Tensor],
+                        optimizer: torch.optim.Optimizer) -> None:
+        """Write `grads` (one per parameter, in `parameters()` order) into the parameters'
+        `.grad` and take one optimiser step: how a rule that computes its own update trains
+        through the phase's optimiser.
+
+        Args:
+            grads: Minus the update direction of every parameter, in `parameters()` order.
+            optimizer: The phase's optimiser.
+        """
+        for p, g in zip(self.parameters(), grads, strict=True):
+            p.grad = g.to(p.dtype)
+        optimizer.step()
 
     def load_sources(self) -> str | None:
         """Copy in the weights that the config takes from elsewhere (another run's checkpoint,

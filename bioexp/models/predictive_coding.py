@@ -1,0 +1,211 @@
+"""Predictive coding (Whittington & Bogacz 2017, Neural Computation 29(5); Millidge, Tschantz &
+Buckley 2022, Neural Computation 34(6); the PCX benchmark, Pinchetti et al., ICLR 2025):
+`pc_mlp`, a discriminative predictive-coding network.
+
+Every layer has value nodes x_l; x_0 is the image (clamped), and each layer predicts the next:
+
+    a_l  = W_l x_{l-1} + b_l,    mu_l = f(a_l)   (mu_L = a_L: the output layer is linear)
+    e_l  = x_l - mu_l                            (the prediction error)
+    F    = sum_l 1/2 |e_l|^2                     (the energy, per image)
+
+Learning a batch (`train_step`):
+
+1. One feed-forward pass sets x_l = mu_l, so every hidden error is 0; the output x_L is then
+   clamped to the one-hot target, and e_L = y - mu_L carries the whole error. F there equals
+   the squared-error loss 1/2 |mu_L - y|^2, which is what `loss` reports.
+2. Inference: T steps (`inference_steps`) of gradient descent on F in the hidden values, at
+   rate gamma (`inference_lr`), all layers at once from the same state:
+
+       dF/dx_l = e_l - W_{l+1}^T (f'(a_{l+1}) * e_{l+1})
+
+3. Learning: the weights' gradient of F at the settled state, which needs only the error after
+   a synapse and the activity before it:
+
+       dF/dW_l = -(f'(a_l) * e_l) x_{l-1}^T,   dF/db_l = -f'(a_l) * e_l    (batch means)
+
+   It is written into each parameter's `.grad` and the phase's optimiser applies it, as it
+   would a gradient (PCX trains its weights with an optax optimiser the same way).
+
+The incremental variant (`variant: incremental`, iPC: Salvatori et al., "A stable, fast, and
+fully automatic learning algorithm for predictive coding networks", ICLR 2024) takes step 3 at
+every inference step, from the same state as that step's value update: T optimiser steps a
+batch, weights and values moving together.
+
+Prediction is one feed-forward pass, mu_L (no inference without a target). With inference at
+equilibrium and a small output error, -dF/dW_l equals backprop's gradient of the squared error
+of the same feed-forward network (Whittington & Bogacz 2017); it departs as the error grows.
+The first layer's drive W_1 x_0 + b_1 does not change during inference (x_0 is clamped), so it
+is computed once; each inference step costs two products per layer above it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bioexp.models.base import Classifier, one_hot, squared_error
+from bioexp.registry import Range, register_model
+
+PCActivation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
+Variant = Literal["standard", "incremental"]
+Steps = Annotated[int, Range(low=1)]
+Rate = Annotated[float, Range(low=0, low_open=True)]
+Widths = Annotated[Sequence[int], Range(low=1)]
+LEAK = 0.01  # leaky_relu's slope below 0
+
+
+def _relu_slope(a: torch.Tensor) -> torch.Tensor:
+    return (a > 0).to(a.dtype)
+
+
+def _leaky_slope(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(a > 0, 1.0, LEAK).to(a.dtype)
+
+
+def _tanh_slope(a: torch.Tensor) -> torch.Tensor:
+    return 1 - torch.tanh(a).square()
+
+
+def _sigmoid_slope(a: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(a)
+    return s * (1 - s)
+
+
+# name -> (f, f'), both of the pre-activation a
+ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor],
+                             Callable[[torch.Tensor], torch.Tensor]]] = {
+    "relu": (F.relu, _relu_slope),
+    "leaky_relu": (lambda a: F.leaky_relu(a, LEAK), _leaky_slope),
+    "tanh": (torch.tanh, _tanh_slope),
+    "sigmoid": (torch.sigmoid, _sigmoid_slope),
+}
+
+
+class PCNet(nn.Module):
+    """The feed-forward network whose predictions the value nodes settle around:
+    `forward(x)` is mu_L, one pass with every value at its prediction."""
+
+    def __init__(self, sizes: Sequence[int], activation: str):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:],
+                                                                    strict=True))
+        self.activation = activation
+        self.f, self.slope = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = self.f(h)
+        return h
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+class PredictiveCoding(Classifier):
+    """A Classifier whose head is a `PCNet` trained by predictive coding (the module's
+    docstring): inference on the value nodes, then a local weight update, applied by the
+    phase's optimiser."""
+
+    def __init__(self, net: PCNet, inference_steps: int, inference_lr: float, variant: str):
+        super().__init__(head=net)
+        self.inference_steps, self.inference_lr, self.variant = (
+            inference_steps, inference_lr, variant)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1/2 |output - one-hot(target)|^2 per image, batch mean: the energy at the
+        feed-forward state with the output clamped."""
+        return squared_error(output, target)
+
+    @torch.no_grad()
+    def settle(self, x: torch.Tensor, target: torch.Tensor,
+               optimizer: torch.optim.Optimizer | None = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Inference on one batch with the output clamped to `target` (B, classes): returns
+        the feed-forward output mu_L (before any update) and the weight gradients dF/dW_l,
+        dF/db_l of the settled state (in `parameters()` order). With `optimizer` and the
+        incremental variant, the optimiser steps at every inference step (and the gradients
+        returned are those of the state after the last)."""
+        net = self.head
+        weights = [layer.weight for layer in net.layers]
+        biases = [layer.bias for layer in net.layers]
+        top = len(weights) - 1
+        values = [x.flatten(1)]
+        drives = []  # a_l
+        for i in range(top + 1):
+            drives.append(F.linear(values[-1], weights[i], biases[i]))
+            values.append(net.f(drives[-1]) if i < top else drives[-1])
+        predictions = values[1:]  # mu_l, the feed-forward state
+        output = predictions[-1]
+        # the value nodes accumulate many small steps: float32 even under bf16 autocast
+        values = [values[0], *(v.to(torch.float32, copy=True) for v in values[1:-1]),
+                  target.to(torch.float32)]
+        target = values[-1]
+        # errors of the feed-forward state: 0 in the hidden layers, y - mu_L at the output
+        errors = [torch.zeros_like(v) for v in values[1:-1]] + [target - output]
+        slopes = [net.slope(a) for a in drives[:-1]]
+        incremental = self.variant == "incremental" and optimizer is not None
+        gamma = self.inference_lr
+        for _ in range(self.inference_steps):
+            deltas = [s * e for s, e in zip(slopes, errors, strict=False)] + [errors[-1]]
+            if incremental:
+                self.apply_gradients(self._gradients(values, deltas), optimizer)
+            for i in range(top):  # hidden value x_{i+1}: dF/dx = e - W^T (f' e) of the next
+                values[i + 1].add_(errors[i], alpha=-gamma).add_(deltas[i + 1] @ weights[i + 1],
+                                                                 alpha=gamma)
+            for i in range(top + 1):
+                if i > 0 or incremental:  # a_1 changes only with W_1: x_0 is clamped
+                    a = F.linear(values[i], weights[i], biases[i])
+                    if i < top:
+                        slopes[i], predictions[i] = net.slope(a), net.f(a)
+                    else:
+                        predictions[i] = a
+                errors[i] = values[i + 1] - predictions[i]
+        deltas = [s * e for s, e in zip(slopes, errors, strict=False)] + [errors[-1]]
+        return output, self._gradients(values, deltas)
+
+    @staticmethod
+    def _gradients(values: list[torch.Tensor], deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """dF/dW_l = -delta_l^T x_{l-1} / B and dF/db_l = -mean(delta_l), per layer."""
+        n = len(values[0])
+        grads = []
+        for x, delta in zip(values, deltas, strict=False):
+            grads += [-(delta.T @ x) / n, -delta.mean(dim=0)]
+        return grads
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """Inference, then the local weight update (every inference step for the incremental
+        variant); `loss` is the feed-forward squared error before the update."""
+        output, grads = self.settle(x, one_hot(y, self.head.layers[-1].out_features), optimizer)
+        if self.variant == "standard":
+            self.apply_gradients(grads, optimizer)
+        return {"loss": squared_error(output, y), "correct": (self.predict(output) == y).sum()}
+
+    def rule_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """-1 times the update direction of the settled state, per parameter name (both variants:
+        the incremental one moves its weights during inference, so its total update differs)."""
+        _, grads = self.settle(x, one_hot(y, self.head.layers[-1].out_features))
+        return {name: g for (name, _), g in zip(self.named_parameters(), grads, strict=True)}
+
+
+@register_model
+def pc_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (128, 128, 128),
+           activation: PCActivation = "tanh", inference_steps: Steps = 20,
+           inference_lr: Rate = 0.1, variant: Variant = "standard") -> Classifier:
+    """Predictive-coding MLP (Whittington & Bogacz 2017): value nodes settle, then local updates.
+
+    The output is clamped to the target, `inference_steps` steps of rate `inference_lr` relax
+    the hidden values on the energy sum_l |x_l - f(W_l x_{l-1})|^2 / 2, and each weight moves by
+    its prediction error times its presynaptic activity. `variant: incremental` updates the
+    weights at every inference step (Salvatori et al. 2024). See the module's docstring.
+    """
+    sizes = [math.prod(input_shape), *hidden, num_classes]
+    return PredictiveCoding(PCNet(sizes, activation), inference_steps, inference_lr, variant)

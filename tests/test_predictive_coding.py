@@ -1,0 +1,161 @@
+"""Predictive coding (`pc_mlp`): one step of each variant worked out by hand, the update against
+backprop's gradient at equilibrium, training through `bioexp train` with the alignment angle
+logged, exact resumption, and one-line errors for bad settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, check_exact_resume
+from conftest import train_here as train
+
+from bioexp.checks import preflight
+from bioexp.errors import ConfigError
+from bioexp.models.predictive_coding import PredictiveCoding
+from bioexp.records import read_json, read_metrics
+from bioexp.registry import build_model
+
+PC_TINY = (*TINY, "model=pc_mlp", "model.hidden=[32,32]", "cache=false", "threads=1")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def tiny(variant: str) -> PredictiveCoding:
+    """2 -> 2 (relu) -> 2, one inference step at rate 0.5, with the weights of the docstrings."""
+    model = build_model("pc_mlp", (2,), 2, hidden=[2], activation="relu", inference_steps=1,
+                        inference_lr=0.5, variant=variant)
+    first, second = model.head.layers
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[0.5, 0.25], [0.1, 0.2]]))
+        first.bias.copy_(torch.tensor([0.0, 0.1]))
+        second.weight.copy_(torch.tensor([[1.0, -1.0], [0.5, 0.5]]))
+        second.bias.zero_()
+    return model
+
+
+X, Y = torch.tensor([[1.0, 2.0]]), torch.tensor([0])
+
+
+def test_one_standard_step_worked_out_by_hand() -> None:
+    """x = [1, 2], target [1, 0]; SGD at lr 0.1.
+
+    Feed-forward: a_1 = [1, .6], x_1 = relu(a_1) = [1, .6], mu_2 = W_2 x_1 = [.4, .8];
+    loss = (.6^2 + .8^2) / 2 = .5; errors e_1 = 0, e_2 = [1, 0] - mu_2 = [.6, -.8].
+    Inference: dF/dx_1 = e_1 - W_2^T e_2 = [-.2, 1]; x_1 = [1, .6] - .5 [-.2, 1] = [1.1, .1].
+    Then e_1 = x_1 - relu(a_1) = [.1, -.5]; mu_2 = W_2 x_1 = [1, .6], e_2 = [0, -.6].
+    Update: dF/dW_1 = -(relu'(a_1) e_1) x^T, dF/db_1 = -e_1; dF/dW_2 = -e_2 x_1^T, dF/db_2 = -e_2.
+    """
+    model = tiny("standard")
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = model.train_step(X, Y, optimizer)
+    assert metrics["loss"].item() == pytest.approx(0.5)
+    assert metrics["correct"].item() == 0  # mu_2 = [.4, .8] says class 1
+    e1, x1, e2 = torch.tensor([0.1, -0.5]), torch.tensor([1.1, 0.1]), torch.tensor([0.0, -0.6])
+    grads = [-torch.outer(e1, X[0]), -e1, -torch.outer(e2, x1), -e2]
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g)
+
+
+def test_one_incremental_step_worked_out_by_hand() -> None:
+    """The same batch, incremental: the weights step from the feed-forward state, before the
+    values move, where only the output errs: dF/dW_2 = -e_2 x_1^T with e_2 = [.6, -.8] and
+    x_1 = [1, .6], dF/db_2 = -e_2, and no gradient below (e_1 = 0)."""
+    model = tiny("incremental")
+    before = [p.detach().clone() for p in model.parameters()]
+    model.train_step(X, Y, torch.optim.SGD(model.parameters(), lr=0.1))
+    e2, x1 = torch.tensor([0.6, -0.8]), torch.tensor([1.0, 0.6])
+    grads = [torch.zeros(2, 2), torch.zeros(2), -torch.outer(e2, x1), -e2]
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g)
+
+
+def update_and_backprop(error: float, seed: int) -> list[tuple[float, float]]:
+    """On a 20-32-32-4 tanh network with weights at half nn.Linear's scale, the target is the
+    output moved by `error` (a random direction per image): (cosine of the PC update with
+    backprop's gradient of 1/2 |mu_L - target|^2) per weight."""
+    torch.manual_seed(seed)
+    model = build_model("pc_mlp", (20,), 4, hidden=[32, 32], activation="tanh",
+                        inference_steps=400, inference_lr=0.2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    x = torch.randn(32, 20)
+    with torch.no_grad():
+        output = model(x)
+    direction = torch.randn_like(output)
+    target = output + error * direction / direction.norm(dim=1, keepdim=True)
+    _, grads = model.settle(x, target)
+    loss = 0.5 * (model(x) - target).square().sum(dim=1).mean()
+    exact = torch.autograd.grad(loss, list(model.parameters()))
+    return [cosine(g, e) for g, e in zip(grads[::2], exact[::2], strict=True)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_at_equilibrium_a_small_error_gives_backprops_gradient(seed: int) -> None:
+    """Whittington & Bogacz 2017: with inference at equilibrium and a small output error, the
+    PC update is backprop's gradient of the same feed-forward network; it departs as the
+    error grows (the hidden layers absorb part of a large error). The equality is first-order
+    in the layers' gains too: at full nn.Linear scale the cosines here are 0.98 to 0.996."""
+    small = update_and_backprop(0.01, seed)
+    large = update_and_backprop(3.0, seed)
+    assert min(small) > 0.99, small
+    assert min(large) < 0.9, large
+    assert all(s > big for s, big in zip(small, large, strict=True)), (small, large)
+
+
+def test_the_loss_falls_and_the_alignment_angle_is_logged(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(*PC_TINY, "data.n_train=1000", "data.n_test=200",
+                 "schedule.supervised.epochs=4", "schedule.supervised.batch_size=50",
+                 f"hydra.run.dir={run}") == 0
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["phase"] == "supervised"]
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert read_json(run / "summary.json")["test_acc"] > 0.3  # chance: 0.1
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]  # epoch 0: the untrained angles
+    for row in rows:
+        angles = [v for k, v in row.items() if k.startswith("angle/")]
+        assert len(angles) == 3 and all(0 <= a < 90 for a in angles), row
+
+
+@pytest.mark.parametrize("variant", ["standard", "incremental"])
+def test_an_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            variant: str) -> None:
+    args = [*PC_TINY, f"model.variant={variant}", "model.inference_steps=5"]
+    check_exact_resume(PredictiveCoding, args, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("model.inference_steps=0", "model.inference_steps"),
+    ("model.inference_lr=0", "model.inference_lr"),
+    ("model.inference_lr=-0.1", "model.inference_lr"),
+    ("model.hidden=[0]", "model.hidden"),
+    ("model.activation=gelu", "model.activation"),
+    ("model.variant=lazy", "model.variant"),
+    ("schedule.supervised.lr=-0.01", "schedule.supervised.lr"),
+])
+def test_a_bad_setting_is_one_line(make_cfg, override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        preflight(make_cfg("model=pc_mlp", "data=synthetic", override))
+    message = str(excinfo.value)
+    assert message.startswith(f"{key} must be") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("variant", ["standard", "incremental"])
+def test_a_bf16_step_keeps_the_value_nodes_in_float32(variant: str) -> None:
+    """Under bf16 autocast (`precision=bf16`) the products run in bf16 but the value nodes,
+    which add up many small steps, stay float32: the update is close to the float32 one."""
+    torch.manual_seed(0)
+    model = build_model("pc_mlp", (1, 8, 8), 10, variant=variant)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(10, (32,))
+    target = torch.nn.functional.one_hot(y, 10).float()
+    _, exact = model.settle(x, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, low = model.settle(x, target)
+    assert all(cosine(a, b) > 0.99 for a, b in zip(low, exact, strict=True))
