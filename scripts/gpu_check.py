@@ -1,7 +1,7 @@
 """bioexp's GPU check (run it through scripts/gpu_check.sh, which installs the project first).
 
     python scripts/gpu_check.py [--out DIR] [--train-limit 2000] [--skip tests,models,krotov,
-                                 gupta,feedback,loop,seed_hybrid]
+                                 gupta,feedback,loop,steps,seed_hybrid]
 
 On a CUDA machine, in this order, each part under its own time limit so the whole stays under
 8 minutes on one H100 or H200 (no internet needed):
@@ -13,7 +13,8 @@ On a CUDA machine, in this order, each part under its own time limit so the whol
 3. the Krotov phase (60,000 x 784, 2000 units, batch 3584, p = 2, k = 2): scripts/bench_krotov.py
    on CUDA, eager, as a CUDA graph, and with TF32 (target: at most 3 ms per epoch);
 4. Gupta's percentile threshold on the GPU: `torch.kthvalue` against the top-k threshold;
-5. scripts/bench_feedback.py and scripts/bench_loop.py on CUDA;
+5. scripts/bench_feedback.py and scripts/bench_loop.py on CUDA, and scripts/bench_steps.py for
+   the energy-based families (their settling loops against a backprop step);
 6. `experiment=seed_hybrid` (all its jobs) with cuda_graphs=true precision=tf32 (target: under
    2 minutes; needs the full Fashion-MNIST).
 
@@ -184,6 +185,8 @@ def main() -> int:
              "loop": lambda: shell([sys.executable, "scripts/bench_loop.py", "--device", "cuda",
                                     "--data", "fashion_mnist" if fashion_root() else "synthetic"],
                                    120),
+             "steps": lambda: shell([sys.executable, "scripts/bench_steps.py", "--device", "cuda",
+                                     "--models", "pc_mlp,eqprop_mlp"], 120),
              "seed_hybrid": lambda: run_seed_hybrid(folder)}
     report = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "cuda": torch.version.cuda, "parts": {}}

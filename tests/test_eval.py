@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from bioexp import plots
 from bioexp.data import Dataset, Split
 from bioexp.engine import local_layers
-from bioexp.evaluate import evaluate_run, forward_flops, last_hidden_layer, pca_2d
+from bioexp.evaluate import evaluate_run, forward_flops, hidden_features, last_hidden_layer, pca_2d
 from bioexp.layers.feedback import exact_backprop
 from bioexp.records import read_json
 from bioexp.registry import build_model
@@ -222,3 +222,18 @@ def test_eval_figures_name_classes_and_show_the_most_used_units(tmp_path, monkey
     fields = saved["receptive_fields.png"].axes[0]
     assert "the 6 most-used of 6 units" in fields.get_title()
     assert (fields.images[0].get_array()[:4, :4] < 0).all()  # the first tile is unit 3's
+
+
+def test_the_representation_of_a_settling_model_is_its_last_state() -> None:
+    """eqprop_mlp calls its output layer at every step of its free phase: the pictured
+    representation is that layer's input at the last step (the settled hidden state), batch
+    by batch."""
+    torch.manual_seed(0)
+    model = build_model("eqprop_mlp", (8,), 4, hidden=[6], free_steps=3)
+    x = torch.rand(5, 8)
+    name, layer = last_hidden_layer(model)
+    assert layer is model.head.layers[-1], name
+    net = model.head
+    with torch.no_grad():
+        settled = net.settle(net.input_drive(x), net.zero_states(x), 2)[0]  # its last input
+    torch.testing.assert_close(hidden_features(model, layer, x, batch_size=2), settled)

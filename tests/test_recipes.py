@@ -141,6 +141,6 @@ def test_the_full_benchmark_has_every_family_in_three_seeds(make_cfg) -> None:
     cfg = make_cfg("experiment=benchmark", hydra=True)
     rows = benchmark_rows(make_cfg, "benchmark")
     families = {"bp_mlp", "cnn", "fa_mlp", "dfa_mlp", "sign_mlp", "kp_mlp", "fa_cnn", "semihebb",
-                "krotov_fc", "krotov_biocell_fc", "softhebb_cnn", "ff_mlp"}
+                "krotov_fc", "krotov_biocell_fc", "softhebb_cnn", "ff_mlp", "pc_mlp", "eqprop_mlp"}
     assert families <= set(rows)
     assert cfg.hydra.sweeper.params.seed == "0,1,2"

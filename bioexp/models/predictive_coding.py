@@ -155,11 +155,12 @@ class PredictiveCoding(Classifier):
         gamma = self.inference_lr
         for _ in range(self.inference_steps):
             deltas = [s * e for s, e in zip(slopes, errors, strict=False)] + [errors[-1]]
-            if incremental:
+            # hidden value x_{i+1}: dF/dx = e - W^T (f' e) of the next layer, from this state
+            pulls = [deltas[i + 1] @ weights[i + 1] for i in range(top)]
+            if incremental:  # the weights step from the same state as the values
                 self.apply_gradients(self._gradients(values, deltas), optimizer)
-            for i in range(top):  # hidden value x_{i+1}: dF/dx = e - W^T (f' e) of the next
-                values[i + 1].add_(errors[i], alpha=-gamma).add_(deltas[i + 1] @ weights[i + 1],
-                                                                 alpha=gamma)
+            for i in range(top):
+                values[i + 1].add_(errors[i], alpha=-gamma).add_(pulls[i], alpha=gamma)
             for i in range(top + 1):
                 if i > 0 or incremental:  # a_1 changes only with W_1: x_0 is clamped
                     a = F.linear(values[i], weights[i], biases[i])
