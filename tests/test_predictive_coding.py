@@ -98,8 +98,12 @@ def reference_step(model: PredictiveCoding, x: torch.Tensor, target: torch.Tenso
 
     def energy() -> torch.Tensor:  # summed over the batch
         values = [x, *hidden, target]
-        return sum(0.5 * (values[i + 1] - predict(i, values[i])).square().sum()
-                   for i in range(top + 1))
+        hidden_terms = sum(0.5 * (values[i + 1] - predict(i, values[i])).square().sum()
+                           for i in range(top))
+        logits = predict(top, values[top])
+        if model.output_energy == "cross_entropy":
+            return hidden_terms - (target * torch.log_softmax(logits, dim=1)).sum()
+        return hidden_terms + 0.5 * (target - logits).square().sum()
 
     def weight_step() -> None:
         grads = torch.autograd.grad(energy() / len(x), params)
@@ -119,15 +123,17 @@ def reference_step(model: PredictiveCoding, x: torch.Tensor, target: torch.Tenso
     return [p.detach() for p in params]
 
 
+@pytest.mark.parametrize("energy", ["squared_error", "cross_entropy"])
 @pytest.mark.parametrize("variant", ["standard", "incremental"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "leaky_relu"])
-def test_five_steps_equal_the_energy_differentiated_by_autograd(variant: str,
-                                                                 activation: str) -> None:
+def test_five_steps_equal_the_energy_differentiated_by_autograd(variant: str, activation: str,
+                                                                energy: str) -> None:
     """Five inference steps on 6-5-4-3 with the closed-form errors and slopes equal autograd on
-    F written out (ReLU with some units silent, so f' matters)."""
+    F written out (ReLU with some units silent, so f' matters), for both output energies."""
     torch.manual_seed(0)
     model = build_model("pc_mlp", (6,), 3, hidden=[5, 4], activation=activation,
-                        inference_steps=5, inference_lr=0.3, variant=variant)
+                        inference_steps=5, inference_lr=0.3, variant=variant,
+                        output_energy=energy)
     x, y = torch.randn(8, 6), torch.randint(3, (8,))
     expected = reference_step(model, x, torch.nn.functional.one_hot(y, 3).float(), lr=0.5)
     model.train_step(x, y, torch.optim.SGD(model.parameters(), lr=0.5))
@@ -201,6 +207,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.
     ("model.hidden=[0]", "model.hidden"),
     ("model.activation=gelu", "model.activation"),
     ("model.variant=lazy", "model.variant"),
+    ("model.output_energy=hinge", "model.output_energy"),
     ("schedule.supervised.lr=-0.01", "schedule.supervised.lr"),
 ])
 def test_a_bad_setting_is_one_line(make_cfg, override: str, key: str) -> None:

@@ -158,7 +158,7 @@ class EquilibriumPropagation(Classifier):
 
 @register_model
 def eqprop_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (512,),
-               beta: Beta = 0.5, free_steps: Steps = 30, nudged_steps: Steps = 10,
+               beta: Beta = 0.1, free_steps: Steps = 30, nudged_steps: Steps = 10,
                symmetric: bool = True) -> Classifier:
     """Equilibrium propagation (Scellier & Bengio 2017) in a layered hard-sigmoid network.
 

@@ -26,6 +26,11 @@ Learning a batch (`train_step`):
    It is written into each parameter's `.grad` and the phase's optimiser applies it, as it
    would a gradient (PCX trains its weights with an optax optimiser the same way).
 
+With `output_energy: cross_entropy` the output layer's term of F is the cross-entropy
+-sum_k y_k log softmax(a_L)_k instead of 1/2 |y - a_L|^2 (PCX's energy for classification): its
+error is e_L = y - softmax(a_L), everything else is unchanged, and the reported loss is the
+cross-entropy of the feed-forward logits.
+
 The incremental variant (`variant: incremental`, iPC: Salvatori et al., "A stable, fast, and
 fully automatic learning algorithm for predictive coding networks", ICLR 2024) takes step 3 at
 every inference step, from the same state as that step's value update: T optimiser steps a
@@ -53,6 +58,7 @@ from bioexp.registry import Range, register_model
 
 PCActivation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
 Variant = Literal["standard", "incremental"]
+OutputEnergy = Literal["squared_error", "cross_entropy"]
 Steps = Annotated[int, Range(low=1)]
 Rate = Annotated[float, Range(low=0, low_open=True)]
 Widths = Annotated[Sequence[int], Range(low=1)]
@@ -114,15 +120,26 @@ class PredictiveCoding(Classifier):
     docstring): inference on the value nodes, then a local weight update, applied by the
     phase's optimiser."""
 
-    def __init__(self, net: PCNet, inference_steps: int, inference_lr: float, variant: str):
+    def __init__(self, net: PCNet, inference_steps: int, inference_lr: float, variant: str,
+                 output_energy: str = "squared_error"):
         super().__init__(head=net)
         self.inference_steps, self.inference_lr, self.variant = (
             inference_steps, inference_lr, variant)
+        self.output_energy = output_energy
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """1/2 |output - one-hot(target)|^2 per image, batch mean: the energy at the
-        feed-forward state with the output clamped."""
+        """The output layer's energy at the feed-forward state, batch mean: 1/2 |mu_L - y|^2
+        (`squared_error`) or the cross-entropy of softmax(mu_L) (`cross_entropy`)."""
+        if self.output_energy == "cross_entropy":
+            return F.cross_entropy(output, target)
         return squared_error(output, target)
+
+    def readout(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the clamped output is compared with: mu_L itself, or softmax(mu_L) for the
+        cross-entropy energy (whose slope in mu_L is softmax(mu_L) - y)."""
+        if self.output_energy == "cross_entropy":
+            return torch.softmax(logits.float(), dim=1)
+        return logits
 
     @torch.no_grad()
     def settle(self, x: torch.Tensor, target: torch.Tensor,
@@ -149,7 +166,7 @@ class PredictiveCoding(Classifier):
                   target.to(torch.float32)]
         target = values[-1]
         # errors of the feed-forward state: 0 in the hidden layers, y - mu_L at the output
-        errors = [torch.zeros_like(v) for v in values[1:-1]] + [target - output]
+        errors = [torch.zeros_like(v) for v in values[1:-1]] + [target - self.readout(output)]
         slopes = [net.slope(a) for a in drives[:-1]]
         incremental = self.variant == "incremental" and optimizer is not None
         gamma = self.inference_lr
@@ -168,7 +185,8 @@ class PredictiveCoding(Classifier):
                         slopes[i], predictions[i] = net.slope(a), net.f(a)
                     else:
                         predictions[i] = a
-                errors[i] = values[i + 1] - predictions[i]
+                errors[i] = values[i + 1] - (predictions[i] if i < top
+                                             else self.readout(predictions[i]))
         deltas = [s * e for s, e in zip(slopes, errors, strict=False)] + [errors[-1]]
         return output, self._gradients(values, deltas)
 
@@ -188,7 +206,7 @@ class PredictiveCoding(Classifier):
         output, grads = self.settle(x, one_hot(y, self.head.layers[-1].out_features), optimizer)
         if self.variant == "standard":
             self.apply_gradients(grads, optimizer)
-        return {"loss": squared_error(output, y), "correct": (self.predict(output) == y).sum()}
+        return {"loss": self.loss(output, y), "correct": (self.predict(output) == y).sum()}
 
     def rule_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """-1 times the update direction of the settled state, per parameter name (both variants:
@@ -200,13 +218,17 @@ class PredictiveCoding(Classifier):
 @register_model
 def pc_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (128, 128, 128),
            activation: PCActivation = "tanh", inference_steps: Steps = 20,
-           inference_lr: Rate = 0.1, variant: Variant = "standard") -> Classifier:
+           inference_lr: Rate = 0.1, variant: Variant = "standard",
+           output_energy: OutputEnergy = "squared_error") -> Classifier:
     """Predictive-coding MLP (Whittington & Bogacz 2017): value nodes settle, then local updates.
 
     The output is clamped to the target, `inference_steps` steps of rate `inference_lr` relax
     the hidden values on the energy sum_l |x_l - f(W_l x_{l-1})|^2 / 2, and each weight moves by
     its prediction error times its presynaptic activity. `variant: incremental` updates the
-    weights at every inference step (Salvatori et al. 2024). See the module's docstring.
+    weights at every inference step (Salvatori et al. 2024). `output_energy: cross_entropy`
+    replaces the output layer's squared error by the cross-entropy of its softmax, as PCX
+    does for classification. See the module's docstring.
     """
     sizes = [math.prod(input_shape), *hidden, num_classes]
-    return PredictiveCoding(PCNet(sizes, activation), inference_steps, inference_lr, variant)
+    return PredictiveCoding(PCNet(sizes, activation), inference_steps, inference_lr, variant,
+                            output_energy)
