@@ -131,7 +131,8 @@ def test_the_loss_falls_and_the_alignment_angle_is_logged(tmp_path: Path) -> Non
     run = tmp_path / "run"
     assert train(*EP_TINY, "data.n_train=1000", "data.n_test=200",
                  "schedule.supervised.epochs=4", "schedule.supervised.batch_size=50",
-                 "schedule.supervised.lr=0.003", f"hydra.run.dir={run}") == 0
+                 "schedule.supervised.lr=0.003", "model.beta=0.5",  # angles of some degrees
+                 f"hydra.run.dir={run}") == 0
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r["phase"] == "supervised"]
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
@@ -164,9 +165,10 @@ def test_a_bad_setting_is_one_line(make_cfg, override: str, key: str) -> None:
     assert message.startswith(f"{key} must be") and "\n" not in message, message
 
 
-def test_a_bf16_step_estimates_what_float32_does() -> None:
-    """Under bf16 autocast (`precision=bf16`) the phases run in bf16; the estimate stays close
-    to float32's."""
+def test_a_bf16_step_runs_its_phases_in_float32() -> None:
+    """Under bf16 autocast (`precision=bf16`) the phases still run in float32: the update is a
+    difference of two states beta apart, which bf16 would blur (a cosine of 0.93 with the
+    float32 estimate at beta 0.1)."""
     torch.manual_seed(0)
     model = build_model("eqprop_mlp", (1, 8, 8), 10, hidden=[64])
     x, y = torch.rand(32, 1, 8, 8), torch.randint(10, (32,))
@@ -174,6 +176,6 @@ def test_a_bf16_step_estimates_what_float32_does() -> None:
     _, exact = model.phases(x, target)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, low = model.phases(x, target)
-    cosines = [float(a.flatten().float() @ b.flatten() / (a.float().norm() * b.norm()))
-               for a, b in zip(low, exact, strict=True)]
-    assert min(cosines) > 0.95, cosines
+    for a, b in zip(low, exact, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)

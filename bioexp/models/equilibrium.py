@@ -122,11 +122,18 @@ class EquilibriumPropagation(Classifier):
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The free phase's output and the EP estimate of the gradient of
         1/2 |s_L - target|^2 (batch mean) in every parameter (in `parameters()` order), for
-        targets (B, classes)."""
+        targets (B, classes). The phases run in float32 whatever the caller's autocast: the
+        update is a difference of two states O(beta) apart, which bf16's 8 bits of mantissa
+        would blur (at beta 0.1, a cosine of 0.93 with float32's estimate)."""
+        dtype = self.head.layers[0].weight.dtype  # float32 unless the model was converted
+        with torch.autocast(x.device.type, enabled=False):  # the contrast needs float32
+            return self._phases(x.to(dtype), target.to(dtype))
+
+    def _phases(self, x: torch.Tensor, target: torch.Tensor
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         net = self.head
         drive = net.input_drive(x)
         free = net.settle(drive, net.zero_states(x), net.free_steps)
-        target = target.to(free[-1].dtype)
         plus = net.settle(drive, free, self.nudged_steps, self.beta, target)
         if self.symmetric:
             minus, span = net.settle(drive, free, self.nudged_steps, -self.beta, target), \

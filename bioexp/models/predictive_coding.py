@@ -217,9 +217,9 @@ class PredictiveCoding(Classifier):
 
 @register_model
 def pc_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (128, 128, 128),
-           activation: PCActivation = "tanh", inference_steps: Steps = 20,
-           inference_lr: Rate = 0.1, variant: Variant = "standard",
-           output_energy: OutputEnergy = "squared_error") -> Classifier:
+           activation: PCActivation = "tanh", inference_steps: Steps = 5,
+           inference_lr: Rate = 0.025, variant: Variant = "standard",
+           output_energy: OutputEnergy = "cross_entropy") -> Classifier:
     """Predictive-coding MLP (Whittington & Bogacz 2017): value nodes settle, then local updates.
 
     The output is clamped to the target, `inference_steps` steps of rate `inference_lr` relax
