@@ -27,6 +27,7 @@ import bioexp.models  # noqa: F401  (registers the built-in models)
 from bioexp.config import model_hyperparameters, validate
 from bioexp.data import dataset_plan
 from bioexp.engine import Schedule, local_layers
+from bioexp.engine.local import control_layers
 from bioexp.engine.schedule import group_error
 from bioexp.errors import BioexpError, ConfigError, DeviceError, refuse
 from bioexp.folders import unwritable
@@ -72,8 +73,13 @@ def preflight(cfg: DictConfig, sources: bool = True) -> torch.device:
     if sources:
         model.load_sources()
     if cfg.get("control") is not None and not local_layers(model):
-        raise ConfigError(f"control={cfg.control} leaves a model's local-rule layers untrained, "
-                          f"and {cfg.model.name} has none")
+        if not control_layers(model):
+            raise ConfigError(f"control={cfg.control} leaves a model's local-rule layers "
+                              f"untrained, and {cfg.model.name} has none")
+        if cfg.control != "random_features":
+            raise ConfigError(f"control={cfg.control}: {cfg.model.name} trains every layer with "
+                              "labels, and its control is control=random_features (its hidden "
+                              "layers frozen at their initial weights)")
     return device
 
 

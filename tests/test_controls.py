@@ -71,6 +71,25 @@ def test_gaussian_features_are_an_untrained_gaussian_projection(tmp_path: Path, 
     assert [r["phase"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["supervised"] * 2
 
 
+@pytest.mark.parametrize("model", ["pc_mlp", "eqprop_mlp"])
+def test_a_rule_that_trains_every_layer_is_controlled_by_freezing_its_hidden_layers(
+        tmp_path: Path, make_cfg, model: str) -> None:
+    """Predictive coding and equilibrium propagation train every layer with labels: their
+    control keeps the hidden layers as initialised and the same rule trains the output layer;
+    a Gaussian control is refused in one line."""
+    cfg = make_cfg(*TINY, f"model={model}", "model.hidden=[16,16]", "control=random_features")
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["control"] == "random_features"
+    start = seeded_model(cfg).state_dict()
+    final = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]
+    for name in ("head.layers.0.weight", "head.layers.1.bias"):
+        assert torch.equal(final[name], start[name]), name
+    assert not torch.equal(final["head.layers.2.weight"], start["head.layers.2.weight"])
+    with pytest.raises(ConfigError) as excinfo:
+        preflight(make_cfg(*TINY, f"model={model}", "control=gaussian_features"))
+    assert "control=random_features" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
 def test_a_control_needs_local_layers_and_a_known_name(make_cfg) -> None:
     with pytest.raises(ConfigError, match="control=random_features leaves a model's local-rule "
                                           "layers untrained, and bp_mlp has none"):

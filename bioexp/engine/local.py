@@ -24,10 +24,27 @@ def local_layers(model: nn.Module) -> list[LocalLayer]:
     return [m for m in model.modules() if isinstance(m, LocalLayer)]
 
 
+def control_layers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The layers a `random_features` control freezes in a model without local-rule layers
+    (`Classifier.control_layers`); empty when it has none."""
+    named = getattr(model, "control_layers", None)
+    return tuple(named()) if named is not None else ()
+
+
 def start_control(model: nn.Module, control: str) -> None:
     """A random-feature control: its local-rule layers never learn (Schedule.local_rules), and
-    with `gaussian_features` their weights are first redrawn as Gaussian projections."""
+    with `gaussian_features` their weights are first redrawn as Gaussian projections. In a
+    model whose rule trains every layer with labels, the layers it names
+    (`Classifier.control_layers`) are frozen at their initial weights instead, and the rule
+    trains the rest."""
     layers = local_layers(model)
+    if not layers:
+        frozen = control_layers(model)
+        for layer in frozen:
+            layer.requires_grad_(False)
+        log.info("control=%s: %s frozen at their initial weights; the rule trains the rest",
+                 control, f"{len(frozen)} hidden layer" + ("" if len(frozen) == 1 else "s"))
+        return
     if control == "gaussian_features":
         for layer in layers:
             layer.gaussian_init_()

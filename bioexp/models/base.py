@@ -303,6 +303,18 @@ class Classifier(nn.Module):
         """
         return None
 
+    def control_layers(self) -> tuple[nn.Module, ...]:
+        """The layers a random-feature control (`control=random_features`) freezes at their
+        initial weights in a model without local-rule layers: a family whose rule trains
+        every layer with labels names its hidden layers, so that its control is the same
+        architecture with only the output layer learning, by the same rule. Empty (here): the
+        model has no such control.
+
+        Returns:
+            The modules whose parameters the control freezes.
+        """
+        return ()
+
     def apply_gradients(self, grads: Sequence[torch.Tensor],
                         optimizer: torch.optim.Optimizer) -> None:
         """Write `grads` (one per parameter, in `parameters()` order) into the parameters'

@@ -157,6 +157,10 @@ class EquilibriumPropagation(Classifier):
         self.apply_gradients(grads, optimizer)
         return {"loss": squared_error(output, y), "correct": (self.predict(output) == y).sum()}
 
+    def control_layers(self) -> tuple[nn.Module, ...]:
+        """Every layer but the output: `control=random_features` leaves them as initialised."""
+        return tuple(self.head.layers[:-1])
+
     def rule_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The EP estimate of the loss's gradient (minus the update direction), per name."""
         _, grads = self.phases(x, one_hot(y, self.head.layers[-1].out_features))

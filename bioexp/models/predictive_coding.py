@@ -208,6 +208,10 @@ class PredictiveCoding(Classifier):
             self.apply_gradients(grads, optimizer)
         return {"loss": self.loss(output, y), "correct": (self.predict(output) == y).sum()}
 
+    def control_layers(self) -> tuple[nn.Module, ...]:
+        """Every layer but the output: `control=random_features` leaves them as initialised."""
+        return tuple(self.head.layers[:-1])
+
     def rule_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """-1 times the update direction of the settled state, per parameter name (both variants:
         the incremental one moves its weights during inference, so its total update differs)."""
