@@ -13,7 +13,7 @@ from bioexp.compare import find_runs, run_table
 from bioexp.config import model_hyperparameters
 from bioexp.engine import local_layers
 from bioexp.errors import ConfigError
-from bioexp.records import read_metrics
+from bioexp.records import read_json, read_metrics
 from bioexp.registry import build_model
 from bioexp.train import run, seed_everything
 
@@ -176,3 +176,27 @@ def test_every_control_gives_features_as_wide_as_the_trained_layer(make_cfg, fam
         spread = head_input_spread(model, probe)
         assert reference / SPREAD_RATIO < spread < reference * SPREAD_RATIO, (
             f"{row}: features spread {spread:.3g} against {reference:.3g} trained")
+
+
+def test_the_control_at_the_trained_scale_has_the_trained_row_lengths(tmp_path: Path, make_cfg,
+                                                                     monkeypatch) -> None:
+    """scripts/control_at_trained_scale.py: the frozen hidden rows of the control get the
+    median row length of the trained run's layers; the output layer trains from its start."""
+    import runpy
+    import sys
+
+    trained = tmp_path / "trained"
+    tiny_pc = (*TINY, "model=pc_mlp", "model.hidden=[16,16]")
+    assert run(make_cfg(*tiny_pc, "schedule.supervised.lr=0.05"), trained)["status"] == "completed"
+    script = Path(__file__).parent.parent / "scripts" / "control_at_trained_scale.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(trained), *TINY, "model.hidden=[16,16]",
+                                      "--out", str(tmp_path / "control")])
+    runpy.run_path(str(script), run_name="__main__")
+
+    def rows(folder: Path, name: str) -> torch.Tensor:
+        return final_weights(folder, name).norm(dim=1)
+
+    for name in ("head.layers.0.weight", "head.layers.1.weight"):
+        target = rows(trained, name).median()
+        torch.testing.assert_close(rows(tmp_path / "control", name), target.expand(16))
+    assert read_json(tmp_path / "control" / "summary.json")["control"] == "random_features"
