@@ -13,7 +13,7 @@ from bioexp.compare import find_runs, run_table
 from bioexp.config import model_hyperparameters
 from bioexp.engine import local_layers
 from bioexp.errors import ConfigError
-from bioexp.records import read_json, read_metrics
+from bioexp.records import read_metrics
 from bioexp.registry import build_model
 from bioexp.train import run, seed_everything
 
@@ -75,15 +75,19 @@ def test_gaussian_features_are_an_untrained_gaussian_projection(tmp_path: Path, 
 def test_a_rule_that_trains_every_layer_is_controlled_by_freezing_its_hidden_layers(
         tmp_path: Path, make_cfg, model: str) -> None:
     """Predictive coding and equilibrium propagation train every layer with labels: their
-    control keeps the hidden layers as initialised and the same rule trains the output layer;
-    a Gaussian control is refused in one line."""
-    cfg = make_cfg(*TINY, f"model={model}", "model.hidden=[16,16]", "control=random_features")
+    control keeps the hidden layers as initialised (rows at `model.init_row_norms`, the
+    lengths the trained layers reach) and the same rule trains the output layer; a Gaussian
+    control is refused in one line."""
+    cfg = make_cfg(*TINY, f"model={model}", "model.hidden=[16,16]", "control=random_features",
+                   "model.init_row_norms=[2.5,0.7]")
     summary = run(cfg, tmp_path)
     assert summary["status"] == "completed" and summary["control"] == "random_features"
     start = seeded_model(cfg).state_dict()
     final = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]
     for name in ("head.layers.0.weight", "head.layers.1.bias"):
         assert torch.equal(final[name], start[name]), name
+    rows = final["head.layers.1.weight"].norm(dim=1)  # at the configured length
+    torch.testing.assert_close(rows, torch.full_like(rows, 0.7))
     assert not torch.equal(final["head.layers.2.weight"], start["head.layers.2.weight"])
     with pytest.raises(ConfigError) as excinfo:
         preflight(make_cfg(*TINY, f"model={model}", "control=gaussian_features"))
@@ -176,27 +180,3 @@ def test_every_control_gives_features_as_wide_as_the_trained_layer(make_cfg, fam
         spread = head_input_spread(model, probe)
         assert reference / SPREAD_RATIO < spread < reference * SPREAD_RATIO, (
             f"{row}: features spread {spread:.3g} against {reference:.3g} trained")
-
-
-def test_the_control_at_the_trained_scale_has_the_trained_row_lengths(tmp_path: Path, make_cfg,
-                                                                     monkeypatch) -> None:
-    """scripts/control_at_trained_scale.py: the frozen hidden rows of the control get the
-    median row length of the trained run's layers; the output layer trains from its start."""
-    import runpy
-    import sys
-
-    trained = tmp_path / "trained"
-    tiny_pc = (*TINY, "model=pc_mlp", "model.hidden=[16,16]")
-    assert run(make_cfg(*tiny_pc, "schedule.supervised.lr=0.05"), trained)["status"] == "completed"
-    script = Path(__file__).parent.parent / "scripts" / "control_at_trained_scale.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(trained), *TINY, "model.hidden=[16,16]",
-                                      "--out", str(tmp_path / "control")])
-    runpy.run_path(str(script), run_name="__main__")
-
-    def rows(folder: Path, name: str) -> torch.Tensor:
-        return final_weights(folder, name).norm(dim=1)
-
-    for name in ("head.layers.0.weight", "head.layers.1.weight"):
-        target = rows(trained, name).median()
-        torch.testing.assert_close(rows(tmp_path / "control", name), target.expand(16))
-    assert read_json(tmp_path / "control" / "summary.json")["control"] == "random_features"

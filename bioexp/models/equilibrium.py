@@ -51,7 +51,7 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from bioexp.models.base import Classifier, one_hot, squared_error
+from bioexp.models.base import Classifier, RowNorms, one_hot, set_row_norms, squared_error
 from bioexp.registry import Range, register_model
 
 Steps = Annotated[int, Range(low=1)]
@@ -170,14 +170,17 @@ class EquilibriumPropagation(Classifier):
 @register_model
 def eqprop_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (512,),
                beta: Beta = 0.1, free_steps: Steps = 30, nudged_steps: Steps = 10,
-               symmetric: bool = True) -> Classifier:
+               symmetric: bool = True, init_row_norms: RowNorms = None) -> Classifier:
     """Equilibrium propagation (Scellier & Bengio 2017) in a layered hard-sigmoid network.
 
     A free phase of `free_steps` settles the states; nudged phases of `nudged_steps` at +beta
     and -beta (symmetric nudging, Laborieux et al. 2021; `symmetric: false` for +beta alone)
     pull the output towards the target; each weight moves by the difference of the products of
-    its two units' states between the phases. Prediction is the free phase's output. See the
-    module's docstring.
+    its two units' states between the phases. Prediction is the free phase's output.
+    `init_row_norms` (one per hidden layer) rescales the hidden layers' initial rows to those
+    lengths. See the module's docstring.
     """
     sizes = [math.prod(input_shape), *hidden, num_classes]
-    return EquilibriumPropagation(EPNet(sizes, free_steps), beta, nudged_steps, symmetric)
+    net = EPNet(sizes, free_steps)
+    set_row_norms(net.layers[:-1], init_row_norms)
+    return EquilibriumPropagation(net, beta, nudged_steps, symmetric)

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioexp.models.base import Classifier, one_hot, squared_error
+from bioexp.models.base import Classifier, RowNorms, one_hot, set_row_norms, squared_error
 from bioexp.registry import Range, register_model
 
 PCActivation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -223,7 +223,8 @@ class PredictiveCoding(Classifier):
 def pc_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (128, 128, 128),
            activation: PCActivation = "tanh", inference_steps: Steps = 5,
            inference_lr: Rate = 0.025, variant: Variant = "standard",
-           output_energy: OutputEnergy = "cross_entropy") -> Classifier:
+           output_energy: OutputEnergy = "cross_entropy",
+           init_row_norms: RowNorms = None) -> Classifier:
     """Predictive-coding MLP (Whittington & Bogacz 2017): value nodes settle, then local updates.
 
     The output is clamped to the target, `inference_steps` steps of rate `inference_lr` relax
@@ -231,8 +232,11 @@ def pc_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (128
     its prediction error times its presynaptic activity. `variant: incremental` updates the
     weights at every inference step (Salvatori et al. 2024). `output_energy: cross_entropy`
     replaces the output layer's squared error by the cross-entropy of its softmax, as PCX
-    does for classification. See the module's docstring.
+    does for classification. `init_row_norms` (one per hidden layer) rescales the hidden
+    layers' initial rows to those lengths. See the module's docstring.
     """
     sizes = [math.prod(input_shape), *hidden, num_classes]
-    return PredictiveCoding(PCNet(sizes, activation), inference_steps, inference_lr, variant,
+    net = PCNet(sizes, activation)
+    set_row_norms(net.layers[:-1], init_row_norms)
+    return PredictiveCoding(net, inference_steps, inference_lr, variant,
                             output_energy)
