@@ -202,7 +202,7 @@ class PredictiveCoding(Classifier):
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
                    optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         """Inference, then the local weight update (every inference step for the incremental
-        variant); `loss` is the feed-forward squared error before the update."""
+        variant); `loss` is `self.loss` of the feed-forward output, before the update."""
         output, grads = self.settle(x, one_hot(y, self.head.layers[-1].out_features), optimizer)
         if self.variant == "standard":
             self.apply_gradients(grads, optimizer)
