@@ -90,7 +90,15 @@ Probability = Annotated[float, Range(0, 1, high_open=True)]  # a dropout rate
 """The type hint of a dropout rate: a float in [0, 1)."""
 
 
-RowNorms = Annotated[Sequence[float], Range(low=0, low_open=True)] | None
+Layers = Annotated[Sequence[int], Range(low=1, min_len=1)]
+"""The type hint of a non-empty list of layer widths, each at least 1."""
+Count = Annotated[int, Range(low=1)]
+"""The type hint of a count of at least 1: settling or inference steps."""
+Positive = Annotated[float, Range(low=0, low_open=True)]
+"""The type hint of a float above 0: a rate, a temperature, a nudging strength."""
+Positives = Annotated[Sequence[float], Range(low=0, low_open=True)]
+"""The type hint of a list of floats above 0, one per layer."""
+RowNorms = Positives | None
 """The type hint of `init_row_norms`: one positive row length per hidden layer, or null."""
 
 

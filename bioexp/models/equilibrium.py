@@ -46,17 +46,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated
 
 import torch
 from torch import nn
 
-from bioexp.models.base import Classifier, RowNorms, one_hot, set_row_norms, squared_error
-from bioexp.registry import Range, register_model
-
-Steps = Annotated[int, Range(low=1)]
-Beta = Annotated[float, Range(low=0, low_open=True)]
-Widths = Annotated[Sequence[int], Range(low=1, min_len=1)]
+from bioexp.models.base import (
+    Classifier,
+    Count,
+    Layers,
+    Positive,
+    RowNorms,
+    one_hot,
+    set_row_norms,
+    squared_error,
+)
+from bioexp.registry import register_model
 
 
 def hard_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -168,8 +172,8 @@ class EquilibriumPropagation(Classifier):
 
 
 @register_model
-def eqprop_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (512,),
-               beta: Beta = 0.1, free_steps: Steps = 30, nudged_steps: Steps = 10,
+def eqprop_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Layers = (512,),
+               beta: Positive = 0.1, free_steps: Count = 30, nudged_steps: Count = 10,
                symmetric: bool = True, init_row_norms: RowNorms = None) -> Classifier:
     """Equilibrium propagation (Scellier & Bengio 2017) in a layered hard-sigmoid network.
 

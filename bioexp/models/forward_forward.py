@@ -70,7 +70,6 @@ depth cost time without gaining accuracy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import torch
@@ -78,13 +77,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bioexp.errors import ConfigError
-from bioexp.models.base import Classifier
+from bioexp.models.base import Classifier, Layers, Positive
 from bioexp.registry import Range, register_model
 
 Negatives = Literal["random", "hard"]
-Widths = Annotated[Sequence[int], Range(low=1, min_len=1)]  # at least one layer, each >= 1
 Threshold = Annotated[float, Range(low=0)]
-Positive = Annotated[float, Range(low=0, low_open=True)]
 EPS = 1e-8  # in the root mean square, so that an all-zero activity stays finite
 
 
@@ -244,7 +241,7 @@ class ForwardForward(Classifier):
 
 
 @register_model
-def ff_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (1000,),
+def ff_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Layers = (1000,),
            threshold: Threshold = 2.0, negatives: Negatives = "hard",
            skip_first: bool = False, label_value: Positive = 10.0) -> Classifier:
     """Forward-Forward MLP (Hinton 2022): label in the image, a goodness loss per layer.

@@ -47,21 +47,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioexp.models.base import Classifier, RowNorms, one_hot, set_row_norms, squared_error
-from bioexp.registry import Range, register_model
+from bioexp.models.base import (
+    Classifier,
+    Count,
+    Positive,
+    RowNorms,
+    Sizes,
+    one_hot,
+    set_row_norms,
+    squared_error,
+)
+from bioexp.registry import register_model
 
 PCActivation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
 Variant = Literal["standard", "incremental"]
 OutputEnergy = Literal["squared_error", "cross_entropy"]
-Steps = Annotated[int, Range(low=1)]
-Rate = Annotated[float, Range(low=0, low_open=True)]
-Widths = Annotated[Sequence[int], Range(low=1)]
 LEAK = 0.01  # leaky_relu's slope below 0
 
 
@@ -220,9 +226,9 @@ class PredictiveCoding(Classifier):
 
 
 @register_model
-def pc_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Widths = (128, 128, 128),
-           activation: PCActivation = "tanh", inference_steps: Steps = 5,
-           inference_lr: Rate = 0.025, variant: Variant = "standard",
+def pc_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sizes = (128, 128, 128),
+           activation: PCActivation = "tanh", inference_steps: Count = 5,
+           inference_lr: Positive = 0.025, variant: Variant = "standard",
            output_energy: OutputEnergy = "cross_entropy",
            init_row_norms: RowNorms = None) -> Classifier:
     """Predictive-coding MLP (Whittington & Bogacz 2017): value nodes settle, then local updates.

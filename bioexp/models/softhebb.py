@@ -56,12 +56,10 @@ from bioexp.layers.softhebb import (
     Triangle,
     pool_output,
 )
-from bioexp.models.base import Classifier, Probability, Sizes, Stage
+from bioexp.models.base import Classifier, Positive, Positives, Probability, Sizes, Stage
 from bioexp.registry import Range, register_model
 
-Positive = Annotated[float, Range(low=0, low_open=True)]  # a temperature, a power, a radius
 Rate = Annotated[float, Range(low=0)]  # a factor of a learning rate, an exponent
-Positives = Annotated[Sequence[float], Range(low=0, low_open=True)]  # one per layer
 Rates = Annotated[Sequence[float], Range(low=0)]  # one per layer
 Padding = Literal["reflect", "zeros"]
 Norm = Literal["batch", "sample"]
