@@ -98,51 +98,6 @@ Positive = Annotated[float, Range(low=0, low_open=True)]
 """The type hint of a float above 0: a rate, a temperature, a nudging strength."""
 Positives = Annotated[Sequence[float], Range(low=0, low_open=True)]
 """The type hint of a list of floats above 0, one per layer."""
-RowNorms = Positives | None
-"""The type hint of `init_row_norms`: one positive row length per hidden layer, or null."""
-
-
-@torch.no_grad()
-def set_row_norms(layers: Sequence[nn.Linear], norms: Sequence[float] | None) -> None:
-    """Rescale every row of each layer's weight to that layer's length in `norms` (one per
-    layer; None leaves them): the scale a random-feature control needs to match a trained
-    network's (`docs/controls.md`).
-
-    Args:
-        layers: The `nn.Linear` layers, in order.
-        norms: Their row lengths, or None.
-
-    Raises:
-        ConfigError: `norms` does not have one entry per layer.
-    """
-    if norms is None:
-        return
-    if len(norms) != len(layers):
-        raise ConfigError(f"model.init_row_norms must have one length per hidden layer "
-                          f"({len(layers)}), got {len(norms)}")
-    for layer, norm in zip(layers, norms, strict=True):
-        layer.weight.mul_(norm / layer.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1/2 |output - one-hot(target)|^2 summed over classes, batch mean: the loss of the
-    energy-based families, whose outputs are states rather than logits.
-
-    Args:
-        output: The model's output for the batch (B, classes).
-        target: The labels (B,).
-
-    Returns:
-        A 0-d tensor: the batch mean.
-    """
-    onehot = one_hot(target, output.shape[1], output.dtype)
-    return 0.5 * (output - onehot).square().sum(dim=1).mean()
-
-
-def one_hot(labels: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32
-            ) -> torch.Tensor:
-    """The labels (B,) as one-hot rows (B, classes) of `dtype`."""
-    return F.one_hot(labels, classes).to(dtype)
 
 
 def make_activation(name: str) -> nn.Module:

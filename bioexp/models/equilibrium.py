@@ -50,16 +50,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bioexp.models.base import (
-    Classifier,
-    Count,
-    Layers,
-    Positive,
-    RowNorms,
-    one_hot,
-    set_row_norms,
-    squared_error,
-)
+from bioexp.models.base import Classifier, Count, Layers, Positive
+from bioexp.models.energy import RowNorms, SettlingClassifier, set_row_norms, squared_error
 from bioexp.registry import register_model
 
 
@@ -108,7 +100,7 @@ class EPNet(nn.Module):
         return f"free_steps={self.free_steps}"
 
 
-class EquilibriumPropagation(Classifier):
+class EquilibriumPropagation(SettlingClassifier):
     """A Classifier whose head is an `EPNet` trained by equilibrium propagation (the module's
     docstring): a free phase, nudged phases, and the contrastive update, applied by the phase's
     optimiser."""
@@ -122,16 +114,21 @@ class EquilibriumPropagation(Classifier):
         return squared_error(output, target)
 
     @torch.no_grad()
-    def phases(self, x: torch.Tensor, target: torch.Tensor
-               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The free phase's output and the EP estimate of the gradient of
-        1/2 |s_L - target|^2 (batch mean) in every parameter (in `parameters()` order), for
-        targets (B, classes). The phases run in float32 whatever the caller's autocast: the
+    def relax(self, x: torch.Tensor, target: torch.Tensor,
+              optimizer: torch.optim.Optimizer | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The free, then the nudged phases: the free phase's output and the EP estimate of
+        the gradient of 1/2 |s_L - target|^2 (batch mean) in every parameter (in
+        `parameters()` order), for targets (B, classes); one optimiser step on it when
+        `optimizer` is given. The phases run in float32 whatever the caller's autocast: the
         update is a difference of two states O(beta) apart, which bf16's 8 bits of mantissa
         would blur (at beta 0.1, a cosine of 0.93 with float32's estimate)."""
         dtype = self.head.layers[0].weight.dtype  # float32 unless the model was converted
         with torch.autocast(x.device.type, enabled=False):  # the contrast needs float32
-            return self._phases(x.to(dtype), target.to(dtype))
+            output, grads = self._phases(x.to(dtype), target.to(dtype))
+        if optimizer is not None:
+            self.apply_gradients(grads, optimizer)
+        return output, grads
 
     def _phases(self, x: torch.Tensor, target: torch.Tensor
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -153,22 +150,6 @@ class EquilibriumPropagation(Classifier):
             grads += [-weight / (span * n), -(plus[i] - minus[i]).mean(dim=0) / span]
         return free[-1], grads
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor,
-                   optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-        """Free and nudged phases, then one optimiser step on the EP estimate; `loss` is the
-        free phase's squared error, before the update."""
-        output, grads = self.phases(x, one_hot(y, self.head.layers[-1].out_features))
-        self.apply_gradients(grads, optimizer)
-        return {"loss": squared_error(output, y), "correct": (self.predict(output) == y).sum()}
-
-    def control_layers(self) -> tuple[nn.Module, ...]:
-        """Every layer but the output: `control=random_features` leaves them as initialised."""
-        return tuple(self.head.layers[:-1])
-
-    def rule_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The EP estimate of the loss's gradient (minus the update direction), per name."""
-        _, grads = self.phases(x, one_hot(y, self.head.layers[-1].out_features))
-        return {name: g for (name, _), g in zip(self.named_parameters(), grads, strict=True)}
 
 
 @register_model

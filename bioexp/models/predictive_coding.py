@@ -53,16 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bioexp.models.base import (
-    Classifier,
-    Count,
-    Positive,
-    RowNorms,
-    Sizes,
-    one_hot,
-    set_row_norms,
-    squared_error,
-)
+from bioexp.models.base import Classifier, Count, Positive, Sizes
+from bioexp.models.energy import RowNorms, SettlingClassifier, set_row_norms, squared_error
 from bioexp.registry import register_model
 
 PCActivation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -121,10 +113,12 @@ class PCNet(nn.Module):
         return f"activation={self.activation}"
 
 
-class PredictiveCoding(Classifier):
+class PredictiveCoding(SettlingClassifier):
     """A Classifier whose head is a `PCNet` trained by predictive coding (the module's
     docstring): inference on the value nodes, then a local weight update, applied by the
-    phase's optimiser."""
+    phase's optimiser. Its `rule_gradients` are the update of the settled state, for both
+    variants (the incremental one moves its weights during inference, so its total update
+    differs)."""
 
     def __init__(self, net: PCNet, inference_steps: int, inference_lr: float, variant: str,
                  output_energy: str = "squared_error"):
@@ -148,14 +142,14 @@ class PredictiveCoding(Classifier):
         return logits
 
     @torch.no_grad()
-    def settle(self, x: torch.Tensor, target: torch.Tensor,
-               optimizer: torch.optim.Optimizer | None = None
-               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def relax(self, x: torch.Tensor, target: torch.Tensor,
+              optimizer: torch.optim.Optimizer | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Inference on one batch with the output clamped to `target` (B, classes): returns
         the feed-forward output mu_L (before any update) and the weight gradients dF/dW_l,
-        dF/db_l of the settled state (in `parameters()` order). With `optimizer` and the
-        incremental variant, the optimiser steps at every inference step (and the gradients
-        returned are those of the state after the last)."""
+        dF/db_l of the settled state (in `parameters()` order). With `optimizer`, the
+        optimiser steps on them after inference (standard) or at every inference step
+        (incremental; the gradients returned are then those of the state after the last)."""
         net = self.head
         weights = [layer.weight for layer in net.layers]
         biases = [layer.bias for layer in net.layers]
@@ -194,7 +188,10 @@ class PredictiveCoding(Classifier):
                 errors[i] = values[i + 1] - (predictions[i] if i < top
                                              else self.readout(predictions[i]))
         deltas = [s * e for s, e in zip(slopes, errors, strict=False)] + [errors[-1]]
-        return output, self._gradients(values, deltas)
+        grads = self._gradients(values, deltas)
+        if optimizer is not None and not incremental:
+            self.apply_gradients(grads, optimizer)
+        return output, grads
 
     @staticmethod
     def _gradients(values: list[torch.Tensor], deltas: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -204,25 +201,6 @@ class PredictiveCoding(Classifier):
         for x, delta in zip(values, deltas, strict=False):
             grads += [-(delta.T @ x) / n, -delta.mean(dim=0)]
         return grads
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor,
-                   optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-        """Inference, then the local weight update (every inference step for the incremental
-        variant); `loss` is `self.loss` of the feed-forward output, before the update."""
-        output, grads = self.settle(x, one_hot(y, self.head.layers[-1].out_features), optimizer)
-        if self.variant == "standard":
-            self.apply_gradients(grads, optimizer)
-        return {"loss": self.loss(output, y), "correct": (self.predict(output) == y).sum()}
-
-    def control_layers(self) -> tuple[nn.Module, ...]:
-        """Every layer but the output: `control=random_features` leaves them as initialised."""
-        return tuple(self.head.layers[:-1])
-
-    def rule_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """-1 times the update direction of the settled state, per parameter name (both variants:
-        the incremental one moves its weights during inference, so its total update differs)."""
-        _, grads = self.settle(x, one_hot(y, self.head.layers[-1].out_features))
-        return {name: g for (name, _), g in zip(self.named_parameters(), grads, strict=True)}
 
 
 @register_model
