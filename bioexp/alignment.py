@@ -21,12 +21,6 @@ from bioexp.layers.feedback import FeedbackLayer, exact_backprop
 from bioexp.models.base import Classifier
 
 
-def own_rule(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """`model.rule_gradients(x, y)` where the model has one, else None."""
-    rule = getattr(model, "rule_gradients", None)
-    return rule(x, y) if rule is not None else None
-
-
 def has_own_rule(model: nn.Module) -> bool:
     """Whether the model computes its update itself (overrides `Classifier.rule_gradients`)."""
     rule = getattr(type(model), "rule_gradients", None)
@@ -64,7 +58,7 @@ def alignment_angles(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
     was_training = model.training
     model.eval()
     try:
-        own = own_rule(model, x, y)
+        own = model.rule_gradients(x, y) if has_own_rule(model) else None
         with torch.enable_grad():
             if own is not None:
                 rule = [own[f"{name}.weight"] for name, _ in layers]
