@@ -104,6 +104,19 @@ def train_here(*args: str) -> int:
     return 0
 
 
+def check_bad_setting(make_cfg: Callable[..., DictConfig], model: str, override: str,
+                      key: str) -> None:
+    """`model=MODEL` with a bad `override` is refused before anything runs, in one line that
+    starts by naming `key` ("model.beta must be ...")."""
+    from bioexp.checks import preflight
+    from bioexp.errors import ConfigError
+
+    with pytest.raises(ConfigError) as excinfo:
+        preflight(make_cfg(f"model={model}", "data=synthetic", override))
+    message = str(excinfo.value)
+    assert message.startswith(f"{key} must be") and "\n" not in message, message
+
+
 def rows_without_time(run: Path) -> list[dict]:
     """metrics.jsonl's rows without their timings, which differ between two identical runs."""
     return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "samples_per_s",
