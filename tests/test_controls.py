@@ -180,3 +180,12 @@ def test_every_control_gives_features_as_wide_as_the_trained_layer(make_cfg, fam
         spread = head_input_spread(model, probe)
         assert reference / SPREAD_RATIO < spread < reference * SPREAD_RATIO, (
             f"{row}: features spread {spread:.3g} against {reference:.3g} trained")
+
+
+def test_row_lengths_for_every_hidden_layer_or_one_line(make_cfg) -> None:
+    """`model.init_row_norms` needs one length per hidden layer: a list of another length is
+    refused in one line, before anything runs."""
+    with pytest.raises(ConfigError) as excinfo:
+        preflight(make_cfg(*TINY, "model=pc_mlp", "model.init_row_norms=[1.0,2.0]"))
+    assert str(excinfo.value) == ("model.init_row_norms must have one length per hidden layer "
+                                  "(3), got 2")
